@@ -1,0 +1,3 @@
+"""Components of the VESSA MONAI bundles: data layouts, transforms, networks, engines, handlers and metrics."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from .label import CheckLabelRange, CheckLabelRanged
+
+__all__ = ["CheckLabelRange", "CheckLabelRanged"]

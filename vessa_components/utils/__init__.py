@@ -1,0 +1,3 @@
+from .io import atomic_path, write_json, write_text
+
+__all__ = ["atomic_path", "write_json", "write_text"]

@@ -1,3 +1,7 @@
 """Components of the VESSA MONAI bundles: data layouts, transforms, networks, engines, handlers and metrics."""
 
 __version__ = "0.1.0"
+
+from . import data, engines, handlers, metrics, networks, transforms, utils
+
+__all__ = ["data", "engines", "handlers", "metrics", "networks", "transforms", "utils"]

@@ -8,12 +8,39 @@ from .acdc import (
     SSL4MIS_VAL_PATIENTS,
     patient_of,
 )
+from .abdomenct import (
+    ABDOMENCT_CLASS_NAMES,
+    ABDOMENCT_HU_WINDOW,
+    ABDOMENCT_LABELS,
+    TOTALSEGMENTATOR_TO_ABDOMENCT1K,
+    convert_abdomenct_to_slices,
+    load_abdomenct_case,
+    make_abdomenct_datalist,
+)
+from .acdc_raw import AcdcCase, convert_acdc_raw_to_ssl4mis, list_raw_cases, load_raw_frame, read_info_cfg, split_patients
 from .datalist import case_of, make_slice_datalist, read_list_file, volume_datalist, write_datalist
+from .demo import SYNTHETIC_MARKER, make_demo_acdc
 from .errors import DataError
 from .h5 import LoadH5, LoadH5d, read_h5
+from .prepare import DATA_LAYOUTS, prepare_dataset
 from .splits import parse_labeled_cases, select_labeled_patients
 
 __all__ = [
+    "ABDOMENCT_CLASS_NAMES",
+    "ABDOMENCT_HU_WINDOW",
+    "ABDOMENCT_LABELS",
+    "TOTALSEGMENTATOR_TO_ABDOMENCT1K",
+    "convert_abdomenct_to_slices",
+    "load_abdomenct_case",
+    "make_abdomenct_datalist",
+    "AcdcCase",
+    "convert_acdc_raw_to_ssl4mis",
+    "list_raw_cases",
+    "load_raw_frame",
+    "read_info_cfg",
+    "split_patients",
+    "SYNTHETIC_MARKER",
+    "make_demo_acdc",
     "ACDC_CLASS_NAMES",
     "ACDC_LABELS",
     "FIXED_LABELED_CASES",
@@ -29,6 +56,8 @@ __all__ = [
     "LoadH5",
     "LoadH5d",
     "read_h5",
+    "DATA_LAYOUTS",
+    "prepare_dataset",
     "parse_labeled_cases",
     "select_labeled_patients",
 ]

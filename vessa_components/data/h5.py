@@ -8,6 +8,7 @@ from typing import Any
 
 import h5py
 import numpy as np
+import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
@@ -58,10 +59,13 @@ class LoadH5(Transform):
         array, attrs = read_h5(filename, self.dataset)
         if self.dtype is not None:
             array = array.astype(self.dtype, copy=False)
-        meta: dict[str, Any] = {"filename_or_obj": os.fspath(filename), "spatial_shape": np.asarray(array.shape)}
-        if "spacing" in attrs:
-            meta["pixdim"] = np.asarray([1.0, *attrs["spacing"]], dtype=np.float64)
-        return MetaTensor(array, meta=meta)
+        # voxel size in mm when the writer stored it (our converters do; the SSL4MIS release does not)
+        spacing = [float(v) for v in np.atleast_1d(attrs.get("spacing", np.ones(array.ndim)))]
+        if len(spacing) != array.ndim:
+            raise DataError(filename, f"'spacing' attribute {spacing} does not match the {array.ndim}-D '{self.dataset}'")
+        affine = torch.diag(torch.tensor([*spacing, 1.0], dtype=torch.float64))
+        meta = {"filename_or_obj": os.fspath(filename), "spatial_shape": np.asarray(array.shape)}
+        return MetaTensor(array, affine=affine, meta=meta)
 
 
 class LoadH5d(MapTransform):

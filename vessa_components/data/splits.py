@@ -83,7 +83,7 @@ def select_labeled_patients(
             raise DataError(source, f"labeled_cases={spec} but the data has {len(patients)} training patients")
         labeled = patients[:spec]
     elif isinstance(spec, float):
-        n = max(1, math.ceil(spec * len(patients)))
+        n = max(1, math.ceil(round(spec * len(patients), 6)))  # round: 0.07 * 100 is 7.000000000000001
         labeled = sorted(random.Random(seed).sample(patients, n), key=patients.index)
     else:
         labeled, unknown = [], []

@@ -1,3 +1,13 @@
+from .ct import RemapLabels, RemapLabelsd
 from .label import CheckLabelRange, CheckLabelRanged
+from .ssl import RandCutMixBox, RandCutMixBoxd, cutmix_with_flipped_batch
 
-__all__ = ["CheckLabelRange", "CheckLabelRanged"]
+__all__ = [
+    "CheckLabelRange",
+    "CheckLabelRanged",
+    "RandCutMixBox",
+    "RandCutMixBoxd",
+    "RemapLabels",
+    "RemapLabelsd",
+    "cutmix_with_flipped_batch",
+]

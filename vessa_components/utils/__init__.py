@@ -1,3 +1,3 @@
-from .io import atomic_path, write_json, write_text
+from .io import atomic_path, latest_checkpoint, write_json, write_text
 
-__all__ = ["atomic_path", "write_json", "write_text"]
+__all__ = ["atomic_path", "latest_checkpoint", "write_json", "write_text"]

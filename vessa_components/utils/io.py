@@ -6,12 +6,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "write_json", "write_text"]
+__all__ = ["atomic_path", "latest_checkpoint", "write_json", "write_text"]
 
 
 @contextlib.contextmanager
@@ -46,3 +48,17 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 def write_json(path: str | os.PathLike, obj: Any, indent: int = 4) -> Path:
     """Write ``obj`` as JSON to ``path`` atomically and return the path."""
     return write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def latest_checkpoint(ckpt_dir: str | os.PathLike, pattern: str = "checkpoint_iteration=*.pt") -> Path | None:
+    """The checkpoint with the highest iteration in ``ckpt_dir`` (names as written by MONAI's ``CheckpointSaver``),
+    or ``None`` when there is none, in which case training starts from scratch."""
+    candidates = []
+    for path in Path(ckpt_dir).glob(pattern):
+        match = re.search(r"iteration=(\d+)", path.name)
+        if match:
+            candidates.append((int(match.group(1)), path))
+    if not candidates:
+        warnings.warn(f"{ckpt_dir}: no checkpoint to resume from; training starts from scratch")
+        return None
+    return max(candidates)[1]

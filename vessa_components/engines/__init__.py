@@ -1,0 +1,3 @@
+from .unimatch_v2 import METHODS, UniMatchV2Trainer, UnlabeledKeys, cycle_loader, unlabeled_data
+
+__all__ = ["METHODS", "UniMatchV2Trainer", "UnlabeledKeys", "cycle_loader", "unlabeled_data"]

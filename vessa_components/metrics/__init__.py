@@ -1,0 +1,71 @@
+"""Per-volume, per-class segmentation metrics (Dice, Jaccard, HD95, ASD), reports and folder evaluation."""
+
+from vessa_components.metrics.nifti import (
+    NIFTI_SUFFIXES,
+    evaluate_folders,
+    find_nifti_files,
+    load_label_map,
+    match_prediction_label_files,
+)
+from vessa_components.metrics.report import (
+    MEAN_ROW,
+    SUMMARY_RULE,
+    VolumeMetricAccumulator,
+    build_report,
+    format_markdown,
+    summarize,
+    write_report,
+)
+from vessa_components.metrics.surface import (
+    DirectedSurfaceDistances,
+    asd,
+    asd_symmetric,
+    crop_to_union,
+    hd95,
+    hd95_max_directed,
+    object_surfaces,
+    surface_distances,
+)
+from vessa_components.metrics.volume import (
+    EMPTY_RULE,
+    MM_SUFFIX,
+    OVERLAP_METRICS,
+    SURFACE_METRICS,
+    VolumeResult,
+    check_label_map,
+    compute_volume_metrics,
+    image_diagonal,
+    metric_unit,
+)
+
+__all__ = [
+    "NIFTI_SUFFIXES",
+    "evaluate_folders",
+    "find_nifti_files",
+    "load_label_map",
+    "match_prediction_label_files",
+    "MEAN_ROW",
+    "SUMMARY_RULE",
+    "VolumeMetricAccumulator",
+    "build_report",
+    "format_markdown",
+    "summarize",
+    "write_report",
+    "DirectedSurfaceDistances",
+    "asd",
+    "asd_symmetric",
+    "crop_to_union",
+    "hd95",
+    "hd95_max_directed",
+    "object_surfaces",
+    "surface_distances",
+    "EMPTY_RULE",
+    "MM_SUFFIX",
+    "OVERLAP_METRICS",
+    "SURFACE_METRICS",
+    "VolumeResult",
+    "check_label_map",
+    "compute_volume_metrics",
+    "image_diagonal",
+    "metric_unit",
+]

@@ -25,7 +25,7 @@ def _is_converted(root: Path) -> bool:
 
 def prepare_dataset(
     dataset_dir: str | os.PathLike, layout: str, work_dir: str | os.PathLike, seed: int = 0
-) -> Path:
+) -> str:
     """Return the root of the slice layout for ``dataset_dir``, converting (and for ``demo`` generating) it if needed.
 
     Conversions go to ``work_dir/<layout>_ssl4mis`` and are reused by later runs. In distributed runs rank 0 does the
@@ -43,7 +43,7 @@ def prepare_dataset(
     if layout == "ssl4mis":
         if not dataset_dir.is_dir():
             raise DataError(dataset_dir, "dataset_dir does not exist")
-        return dataset_dir
+        return str(dataset_dir)
     out = Path(work_dir) / f"{layout}_ssl4mis"
     distributed = dist.is_available() and dist.is_initialized()
     if not distributed or dist.get_rank() == 0:
@@ -55,4 +55,4 @@ def prepare_dataset(
             convert_acdc_raw_to_ssl4mis(dataset_dir, out, seed=seed, overwrite=True)
     if distributed:
         dist.barrier()
-    return out
+    return str(out)

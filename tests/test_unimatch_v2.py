@@ -1,0 +1,161 @@
+"""UniMatch V2 pieces: CutMix boxes and mixing, the EMA teacher, the trainer's iteration and its supervised fallback."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from vessa_components.engines import UniMatchV2Trainer, unlabeled_data
+from vessa_components.handlers import EMATeacher
+from vessa_components.networks import UNet
+from vessa_components.transforms import RandCutMixBoxd, cutmix_with_flipped_batch
+
+
+def test_cutmix_pastes_the_flipped_partner_inside_the_box():
+    values = torch.arange(3 * 2 * 4 * 4, dtype=torch.float32).reshape(3, 2, 4, 4)
+    boxes = torch.zeros(3, 1, 4, 4)
+    boxes[0, :, 1:3, 1:3] = 1
+    mixed = cutmix_with_flipped_batch(values, boxes)
+    assert torch.equal(mixed[0, :, 1:3, 1:3], values[2, :, 1:3, 1:3])  # sample 0's partner is sample 2
+    assert torch.equal(mixed[0, :, 0], values[0, :, 0]) and torch.equal(mixed[1:], values[1:])
+    labels = values[:, 0].long()
+    assert torch.equal(cutmix_with_flipped_batch(labels, boxes)[0, 1:3, 1:3], labels[2, 1:3, 1:3])
+
+
+def test_cutmix_boxes_area_probability_and_seed():
+    data = {"image": torch.zeros(1, 64, 48)}
+    always = RandCutMixBoxd(["box1", "box2"], prob=1.0).set_random_state(3)
+    areas = []
+    for _ in range(50):
+        out = always(data)
+        assert out["box1"].shape == (1, 64, 48)
+        areas.append(float(out["box1"].mean()))
+    assert min(areas) > 0.01 and max(areas) <= 0.41
+    never = RandCutMixBoxd(["box1"], prob=0.0)
+    assert never(data)["box1"].sum() == 0
+    a = RandCutMixBoxd(["box1"], prob=1.0).set_random_state(7)(data)["box1"]
+    b = RandCutMixBoxd(["box1"], prob=1.0).set_random_state(7)(data)["box1"]
+    assert torch.equal(a, b)
+
+
+def test_ema_warm_up_decay_and_state():
+    student = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
+    teacher = copy.deepcopy(student)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+    ema = EMATeacher(student, teacher, decay=0.9)
+    assert ema.ratio(1) == 0.0 and ema.ratio(2) == 0.5 and ema.ratio(1000) == 0.9
+    ema.update(1)  # the first step copies the student
+    for p_t, p_s in zip(teacher.parameters(), student.parameters()):
+        assert torch.allclose(p_t, p_s)
+    before = [p.clone() for p in teacher.parameters()]
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+    ema.update(1000)
+    for p_b, p_t, p_s in zip(before, teacher.parameters(), student.parameters()):
+        assert torch.allclose(p_t, 0.9 * p_b + 0.1 * p_s)
+    assert not any(p.requires_grad for p in teacher.parameters())
+    restored = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for p in restored.parameters():
+            p.zero_()
+    EMATeacher(student, restored).load_state_dict(ema.state_dict())
+    for p_r, p_t in zip(restored.parameters(), teacher.parameters()):
+        assert torch.equal(p_r, p_t)
+    with pytest.raises(ValueError, match="do not match"):
+        EMATeacher(student, torch.nn.Linear(3, 3))
+
+
+def _loaders(n=4, size=32, batch=2):
+    g = torch.Generator().manual_seed(0)
+    labeled = [
+        {"image": torch.rand(1, size, size, generator=g), "label": torch.randint(0, 4, (1, size, size), generator=g)}
+        for _ in range(n)
+    ]
+    unlabeled = []
+    for _ in range(n):
+        image = torch.rand(1, size, size, generator=g)
+        box = torch.zeros(1, size, size)
+        box[:, 4:12, 4:12] = 1
+        unlabeled.append(
+            {"image": image, "image_s1": image * 0.5, "image_s2": image * 1.5, "cutmix_box1": box, "cutmix_box2": box}
+        )
+    return DataLoader(labeled, batch_size=batch), DataLoader(unlabeled, batch_size=batch)
+
+
+def _trainer(unlabeled=True, conf_thresh=0.95, iterations=3):
+    torch.manual_seed(0)
+    student = UNet(in_channels=1, out_channels=4)
+    teacher = copy.deepcopy(student)
+    labeled_loader, unlabeled_loader = _loaders()
+    from monai.losses import DiceCELoss
+
+    trainer = UniMatchV2Trainer(
+        device="cpu",
+        max_epochs=1,
+        epoch_length=iterations,
+        train_data_loader=labeled_loader,
+        unlabeled_data_loader=unlabeled_loader if unlabeled else None,
+        network=student,
+        teacher=teacher,
+        optimizer=torch.optim.SGD(student.parameters(), lr=0.01),
+        loss_function=DiceCELoss(to_onehot_y=True, softmax=True),
+        conf_thresh=conf_thresh,
+        train_handlers=[EMATeacher(student, teacher, decay=0.99)],
+    )
+    return trainer, student, teacher
+
+
+def test_trainer_outputs_and_teacher_follows_student():
+    trainer, student, teacher = _trainer(iterations=3)
+    trainer.run()
+    out = trainer.state.output
+    assert trainer.state.iteration == 3
+    assert {"loss", "loss_x", "loss_u", "mask_ratio"} <= set(out)
+    assert torch.isfinite(out["loss"]) and 0.0 <= float(out["mask_ratio"]) <= 1.0
+    assert torch.allclose(out["loss"], (out["loss_x"] + out["loss_u"]) / 2)
+    assert all(p.grad is None for p in teacher.parameters())
+    # after a few EMA steps the teacher is neither the initial weights nor the student
+    assert any(not torch.equal(p_t, p_s) for p_t, p_s in zip(teacher.parameters(), student.parameters()))
+
+
+def test_no_confident_pixel_gives_zero_unsupervised_loss():
+    trainer, _, _ = _trainer(conf_thresh=1.01, iterations=1)
+    trainer.run()
+    assert float(trainer.state.output["loss_u"]) == 0.0 and float(trainer.state.output["mask_ratio"]) == 0.0
+
+
+def test_without_unlabeled_loader_training_is_supervised():
+    trainer, _, _ = _trainer(unlabeled=False, iterations=2)
+    trainer.run()
+    assert "loss_u" not in trainer.state.output
+    assert torch.allclose(trainer.state.output["loss"], trainer.state.output["loss_x"])
+
+
+def test_unsupervised_loss_masks_unconfident_pixels():
+    trainer, _, _ = _trainer(iterations=1)
+    logits = torch.zeros(1, 4, 2, 2)
+    pseudo = torch.zeros(1, 2, 2, dtype=torch.long)
+    confidence = torch.tensor([[[0.99, 0.5], [0.5, 0.5]]])
+    # CE of uniform logits is log(4) on the one confident pixel, averaged over all four pixels
+    expected = torch.log(torch.tensor(4.0)) / 4
+    assert torch.allclose(trainer.unsupervised_loss(logits, pseudo, confidence), expected)
+
+
+def test_method_choice_and_empty_pool():
+    assert unlabeled_data("supervised", [{"image": "a"}]) == []
+    assert unlabeled_data("unimatch_v2", [{"image": "a"}]) == [{"image": "a"}]
+    with pytest.warns(UserWarning, match="unlabelled pool is empty"):
+        assert unlabeled_data("unimatch_v2", []) == []
+    with pytest.raises(ValueError, match="unknown method 'fixmatch'"):
+        unlabeled_data("fixmatch", [])
+    with pytest.raises(ValueError, match="needs a teacher"):
+        UniMatchV2Trainer(
+            device="cpu", max_epochs=1, train_data_loader=[], unlabeled_data_loader=[], network=torch.nn.Conv2d(1, 4, 1),
+            optimizer=torch.optim.SGD(torch.nn.Conv2d(1, 4, 1).parameters(), lr=0.1), loss_function=torch.nn.MSELoss(),
+        )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from sam2.modeling.sam2_base import SAM2Base
 
 from vessa_components.networks.sam2_parts import Sam2Parts, build_sam2_model, count_parameters
 
@@ -12,9 +13,14 @@ BATCH = 2
 
 
 @pytest.fixture(scope="module")
-def tiny_parts() -> Sam2Parts:
+def tiny_sam2() -> SAM2Base:
     torch.manual_seed(0)
-    return Sam2Parts(build_sam2_model(preset="tiny_cpu"))
+    return build_sam2_model(preset="tiny_cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_parts(tiny_sam2) -> Sam2Parts:
+    return Sam2Parts(tiny_sam2)
 
 
 @pytest.fixture(scope="module")
@@ -120,24 +126,22 @@ def test_empty_template_mask_adds_the_no_object_embedding(images):
     assert memory[1].abs().mean() < 100.0
 
 
-def test_parts_state_dict_is_a_subset_of_sam2s():
-    sam2 = build_sam2_model(preset="tiny_cpu")
-    parts_keys = set(Sam2Parts(sam2).state_dict())
-    assert parts_keys < set(sam2.state_dict())
+def test_parts_state_dict_is_a_subset_of_sam2s(tiny_sam2, tiny_parts):
+    parts_keys = set(tiny_parts.state_dict())
+    assert parts_keys < set(tiny_sam2.state_dict())
     assert {"maskmem_tpos_enc", "no_mem_embed", "no_obj_embed_spatial"} <= parts_keys
 
 
-def test_checkpoint_round_trip(tmp_path):
-    source = build_sam2_model(preset="tiny_cpu")
+def test_checkpoint_round_trip(tmp_path, tiny_sam2):
     path = tmp_path / "sam2_tiny.pt"
-    torch.save({"model": source.state_dict()}, path)
+    torch.save({"model": tiny_sam2.state_dict()}, path)
     loaded = build_sam2_model(preset="tiny_cpu", checkpoint=path)
-    for name, value in source.state_dict().items():
+    for name, value in tiny_sam2.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[name], value, rtol=0, atol=0, msg=name)
 
 
-def test_checkpoint_with_renamed_key_is_rejected(tmp_path):
-    state = build_sam2_model(preset="tiny_cpu").state_dict()
+def test_checkpoint_with_renamed_key_is_rejected(tmp_path, tiny_sam2):
+    state = dict(tiny_sam2.state_dict())
     state["no_mem_embed_renamed"] = state.pop("no_mem_embed")
     path = tmp_path / "renamed.pt"
     torch.save({"model": state}, path)
@@ -156,7 +160,7 @@ def test_checkpoint_of_another_architecture_is_rejected(tmp_path):
         build_sam2_model(preset="tiny_cpu", checkpoint=path)
 
 
-def test_unreadable_or_foreign_checkpoints_are_rejected(tmp_path):
+def test_unreadable_or_foreign_checkpoints_are_rejected(tmp_path, tiny_sam2):
     missing = tmp_path / "missing.pt"
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         build_sam2_model(preset="tiny_cpu", checkpoint=missing)
@@ -167,7 +171,7 @@ def test_unreadable_or_foreign_checkpoints_are_rejected(tmp_path):
         build_sam2_model(preset="tiny_cpu", checkpoint=text)
 
     flat = tmp_path / "flat.pt"
-    torch.save(build_sam2_model(preset="tiny_cpu").state_dict(), flat)
+    torch.save(tiny_sam2.state_dict(), flat)
     with pytest.raises(ValueError, match="flat.pt is not in SAM2's format"):
         build_sam2_model(preset="tiny_cpu", checkpoint=flat)
 
@@ -193,3 +197,42 @@ def test_other_image_size_runs():
 
 def test_full_preset_is_sam2_1_hiera_tiny():
     assert count_parameters(build_sam2_model(preset="full")) == pytest.approx(38.96e6, rel=1e-3)
+
+
+def test_parts_match_sam2s_own_methods(images):
+    """Each part gives what ``SAM2Base`` computes for a conditioning frame and the frame after it.
+
+    Two SAM2 video-tracking steps that VESSA leaves out are switched off in the reference: cross-attention to object
+    pointers, and replacing the masks of samples scored object-free by a constant (Sam2Parts returns the score).
+    """
+    sam2 = build_sam2_model(preset="tiny_cpu")
+    parts = Sam2Parts(sam2)
+    sam2.use_obj_ptrs_in_encoder = False
+    sam2.pred_obj_scores = False
+    mask_logits = images["template_mask"] * 40 - 20
+    mask_logits[0] = -20.0  # an empty template, to cover the no-object embedding
+    mask_prompt = torch.randn(BATCH, 1, IMAGE_SIZE // 4, IMAGE_SIZE // 4)
+    with torch.no_grad():
+        encoded = parts.encode_image(images["target"])
+        memory, memory_pos = parts.encode_memory(encoded["image_embedding"], mask_logits, masks_are_logits=True)
+        conditioned = parts.condition_on_memory(encoded["image_embedding"], memory, memory_pos)
+        decoded = parts.decode_masks(conditioned, encoded["high_res_features"], mask_prompt=mask_prompt)
+
+        normalised = (images["target"].repeat(1, 3, 1, 1) - parts.pixel_mean) / parts.pixel_std
+        _, feats, pos, sizes = sam2._prepare_backbone_features(sam2.forward_image(normalised))
+        object_scores = (mask_logits.flatten(1) > 0).any(dim=1, keepdim=True).float() * 20 - 10
+        ref_memory, ref_memory_pos = sam2._encode_new_memory(feats, sizes, mask_logits, object_scores, False)
+        template_frame = {"maskmem_features": ref_memory, "maskmem_pos_enc": ref_memory_pos}
+        history = {"cond_frame_outputs": {0: template_frame}, "non_cond_frame_outputs": {}}
+        ref_conditioned = sam2._prepare_memory_conditioned_features(
+            1, False, feats[-1:], pos[-1:], sizes[-1:], history, 2
+        )
+        ref_low_res = sam2._forward_sam_heads(
+            ref_conditioned, mask_inputs=mask_prompt, high_res_features=encoded["high_res_features"]
+        )[0]
+
+    torch.testing.assert_close(encoded["image_embedding"].flatten(2).permute(2, 0, 1), feats[-1])
+    torch.testing.assert_close(memory, ref_memory)
+    torch.testing.assert_close(memory_pos, ref_memory_pos[-1])
+    torch.testing.assert_close(conditioned, ref_conditioned)
+    torch.testing.assert_close(decoded["low_res_logits"], ref_low_res)

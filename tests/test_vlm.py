@@ -3,20 +3,17 @@ saving and loading through the real loading code, and the size of the Qwen3-VL-2
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers import Qwen3VLForConditionalGeneration
 
 from vessa_components.data.errors import DataError
-from vessa_components.networks.vlm import (
-    LoRALinear,
-    Qwen3VLPrompter,
-    SEG_TOKEN,
-    format_prompt,
-    qwen3vl_2b_config,
-)
+from vessa_components.networks.vlm import LoRALinear, Qwen3VLPrompter, qwen3vl_2b_config
+from vessa_components.templates import SEG_TOKEN, build_prompt
 
-TEXTS = [format_prompt("MRI", "left_ventricle"), format_prompt("CT", "liver")]
+TEXTS = [build_prompt("left_ventricle", "MRI"), build_prompt("liver", "CT")]
 
 
 def _images(seed: int = 0, size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,13 +25,6 @@ def _images(seed: int = 0, size: int = 128) -> tuple[torch.Tensor, torch.Tensor]
 def prompter() -> Qwen3VLPrompter:
     torch.manual_seed(0)
     return Qwen3VLPrompter().eval()
-
-
-def test_format_prompt_fills_modality_and_readable_class_name():
-    assert format_prompt("MRI", "right_ventricle") == (
-        "Image 1 is a MRI slice. Image 2 shows a reference MRI slice with the right ventricle outlined. "
-        "Segment the right ventricle in image 1."
-    )
 
 
 def test_inputs_have_one_token_per_32_pixels_and_labels_only_on_the_answer(prompter):
@@ -81,7 +71,7 @@ def test_seg_hidden_state_is_the_final_normed_state_at_the_seg_token(prompter):
     inputs = prompter.build_inputs(images, overlays, TEXTS)
     inputs.pop("labels")
     with torch.no_grad():
-        # lm_head's input is the final hidden state; recover it by hooking lm_head in the generation model
+        # the generation model feeds lm_head with the final (normed) hidden state: capture it there
         seen = []
         hook = prompter.vlm.lm_head.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
         prompter.vlm(**inputs, use_cache=False)
@@ -226,6 +216,16 @@ def test_incomplete_vlm_directory_names_the_missing_files(prompter, tmp_path, re
     assert all(name in str(error.value) for name in removed)
     with pytest.raises(DataError, match="not a directory"):
         Qwen3VLPrompter(vlm_path=tmp_path / "absent")
+
+
+def test_tokenizer_ids_must_match_the_config(prompter, tmp_path):
+    folder = prompter.save_pretrained(tmp_path / "vlm")
+    config = json.loads((folder / "config.json").read_text())
+    config["image_token_id"] = config["vision_start_token_id"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(DataError, match=r"tokenizer's id of <\|image_pad\|> differs") as error:
+        Qwen3VLPrompter(vlm_path=folder)
+    assert str(folder) in str(error.value)
 
 
 def test_qwen3vl_2b_config_has_2_13_billion_parameters():

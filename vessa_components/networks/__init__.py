@@ -1,7 +1,36 @@
-"""Networks: the semi-supervised students (UNet, DINOv2 + DPT) and, later, the VESSA assistant."""
+"""Networks: the semi-supervised students (UNet, DINOv2 + DPT) and the parts of the VESSA assistant (SAM2, Qwen3-VL)."""
 
 from .dino_dpt import DinoDPT
 from .factory import STUDENTS, build_student
+from .sam2_parts import (
+    SAM2_DEFAULT_CONFIG,
+    SAM2_IMAGE_MEAN,
+    SAM2_IMAGE_STD,
+    SAM2_PRESETS,
+    Sam2Parts,
+    build_sam2_model,
+    count_parameters,
+    load_sam2_checkpoint,
+)
 from .unet import UNet
+from .vlm import VLM_TRAINING_MODES, PromptOutput, Qwen3VLPrompter, qwen3vl_2b_config, tiny_qwen3vl_config
 
-__all__ = ["DinoDPT", "STUDENTS", "UNet", "build_student"]
+__all__ = [
+    "DinoDPT",
+    "STUDENTS",
+    "UNet",
+    "build_student",
+    "SAM2_DEFAULT_CONFIG",
+    "SAM2_IMAGE_MEAN",
+    "SAM2_IMAGE_STD",
+    "SAM2_PRESETS",
+    "Sam2Parts",
+    "build_sam2_model",
+    "count_parameters",
+    "load_sam2_checkpoint",
+    "VLM_TRAINING_MODES",
+    "PromptOutput",
+    "Qwen3VLPrompter",
+    "qwen3vl_2b_config",
+    "tiny_qwen3vl_config",
+]

@@ -129,7 +129,9 @@ def load_sam2_checkpoint(model: SAM2Base, checkpoint: str | os.PathLike, config:
     except (RuntimeError, pickle.UnpicklingError, EOFError) as err:
         raise ValueError(f"cannot read SAM2 checkpoint {path}: {err}") from err
     if not isinstance(content, Mapping) or not isinstance(content.get("model"), Mapping):
-        raise ValueError(f"SAM2 checkpoint {path} is not in SAM2's format: expected a dict with the state dict under 'model'")
+        raise ValueError(
+            f"SAM2 checkpoint {path} is not in SAM2's format: expected a dict with the state dict under 'model'"
+        )
     mismatch = f"SAM2 checkpoint {path} does not match the model built from {config}"
     try:
         missing, unexpected = model.load_state_dict(content["model"], strict=False)
@@ -177,7 +179,9 @@ def build_sam2_model(
     if image_size is not None:
         hydra_overrides += _image_size_overrides(image_size)
     hydra_overrides += list(overrides or ())
-    model = build_sam2(config, ckpt_path=None, device="cpu", hydra_overrides_extra=hydra_overrides, apply_postprocessing=False)
+    model = build_sam2(
+        config, ckpt_path=None, device="cpu", hydra_overrides_extra=hydra_overrides, apply_postprocessing=False
+    )
     multiple = _image_size_multiple(model)
     if model.image_size % multiple != 0:
         raise ValueError(

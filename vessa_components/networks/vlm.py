@@ -36,39 +36,29 @@ from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageP
 from ..data.abdomenct import ABDOMENCT_CLASS_NAMES
 from ..data.acdc import ACDC_CLASS_NAMES
 from ..data.errors import DataError
+from ..templates.prompt import DEFAULT_ANSWER, DEFAULT_PROMPT_TEMPLATE, SEG_TOKEN, build_prompt
 
 __all__ = [
-    "DEFAULT_ANSWER",
-    "DEFAULT_PROMPT_TEMPLATE",
     "LoRALinear",
     "PromptOutput",
     "Qwen3VLPrompter",
-    "SEG_TOKEN",
     "VLM_TRAINING_MODES",
     "add_lora",
     "build_tiny_image_processor",
     "build_tiny_tokenizer",
     "check_vlm_directory",
-    "format_prompt",
     "qwen3vl_2b_config",
     "tiny_qwen3vl_config",
 ]
 
-SEG_TOKEN = "<SEG>"
-#: the reference text; ``{modality}`` is e.g. ``MRI`` or ``CT``, ``{class}`` the structure to segment
-DEFAULT_PROMPT_TEMPLATE = (
-    "Image 1 is a {modality} slice. Image 2 shows a reference {modality} slice with the {class} outlined. "
-    "Segment the {class} in image 1."
-)
-#: the assistant answer used for teacher forcing; it must hold exactly one ``<SEG>``
-DEFAULT_ANSWER = f"Sure, {SEG_TOKEN}."
 #: ``train_vlm`` values: VLM frozen (only the MLP trains), LoRA on the language model's q/v projections, everything
 #: trained, or no VLM at all (a learned embedding per class replaces the ``<SEG>`` hidden state)
 VLM_TRAINING_MODES = ("frozen", "lora", "full", "off")
 
 # Qwen's chat and vision special tokens; the published tokenizer has them, the tiny one is built with them
 _IM_START, _IM_END, _END_OF_TEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
-_VISION_START, _VISION_END, _IMAGE_PAD, _VIDEO_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"
+_VISION_START, _VISION_END = "<|vision_start|>", "<|vision_end|>"
+_IMAGE_PAD, _VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
 _QWEN_SPECIAL_TOKENS = (_END_OF_TEXT, _IM_START, _IM_END, _VISION_START, _VISION_END, _IMAGE_PAD, _VIDEO_PAD)
 
 # Qwen3-VL-Instruct's chat template rendered for one user turn of [image, image, text] (no system message, as the
@@ -101,14 +91,6 @@ class PromptOutput(NamedTuple):
 
     embeddings: torch.Tensor
     lm_loss: torch.Tensor | None
-
-
-def format_prompt(modality: str, class_name: str, template: str = DEFAULT_PROMPT_TEMPLATE) -> str:
-    """The reference text for one target slice: ``template`` with ``{modality}`` and ``{class}`` filled in.
-
-    Underscores in class names (``right_ventricle``) become spaces, so the text reads as language.
-    """
-    return template.format(**{"modality": modality, "class": class_name.replace("_", " ")})
 
 
 # ------------------------------------------------------------------------------------------------------------- LoRA
@@ -285,7 +267,7 @@ def build_tiny_tokenizer(
     """
     if class_names is None:
         class_names = [name for name in (*ACDC_CLASS_NAMES, *ABDOMENCT_CLASS_NAMES) if name != "background"]
-    corpus = [format_prompt(m, c) for m in modalities for c in class_names]
+    corpus = [build_prompt(c, m) for m in modalities for c in class_names]
     corpus += ["user", "assistant", DEFAULT_ANSWER.replace(SEG_TOKEN, "")]
     bpe = Tokenizer(models.BPE())
     # the same normaliser and pre-tokenisation as Qwen2Tokenizer, so the learned merges apply there unchanged
@@ -368,7 +350,7 @@ class Qwen3VLPrompter(nn.Module):
 
     ``forward(images, overlays, texts)`` returns a :class:`PromptOutput`. ``images`` and ``overlays`` are
     ``(B, 3, H, W)`` tensors (or sequences of ``(3, H, W)`` tensors, sizes may differ) with values in [0, 1];
-    ``texts`` are ``B`` reference texts (see :func:`format_prompt`). The image processor resizes each image to
+    ``texts`` are ``B`` reference texts (see :func:`vessa_components.templates.build_prompt`). The image processor resizes each image to
     multiples of 32 pixels within its pixel budget; one language token covers 32 x 32 pixels.
     """
 
@@ -434,7 +416,9 @@ class Qwen3VLPrompter(nn.Module):
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         # Qwen3-VL ships Qwen2-VL's image processor; the full Qwen3VLProcessor would also need a video processor
         image_processor = Qwen2VLImageProcessor.from_pretrained(path, local_files_only=True)
-        model = Qwen3VLForConditionalGeneration.from_pretrained(path, local_files_only=True, dtype=dtype or torch.float32)
+        model = Qwen3VLForConditionalGeneration.from_pretrained(
+            path, local_files_only=True, dtype=dtype or torch.float32
+        )
         for token, config_id in (
             (_IMAGE_PAD, model.config.image_token_id),
             (_VISION_START, model.config.vision_start_token_id),

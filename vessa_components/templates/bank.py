@@ -283,7 +283,10 @@ class TemplateBank:
         names = tuple(class_names)
         if len(names) < 2 or len(set(names)) != len(names):
             raise ValueError(f"data set '{dataset}' needs distinct class names, background first; got {list(names)}")
-        if dataset in self._class_names and (self._modalities[dataset], self._class_names[dataset]) != (modality, names):
+        if dataset in self._class_names and (self._modalities[dataset], self._class_names[dataset]) != (
+            modality,
+            names,
+        ):
             raise ValueError(
                 f"data set '{dataset}' is already registered as {self._modalities[dataset]} with classes "
                 f"{list(self._class_names[dataset])}, not {modality} with {list(names)}"
@@ -376,13 +379,19 @@ class TemplateBank:
         names = [str(e.get("name") or Path(e["image"]).name.removesuffix(".h5")) for e in entries]
         loader = LoadH5d(keys=["image", "label"], dtypes=[np.float32, np.uint8])
         for entry, name, (position, phase) in tqdm(
-            list(zip(entries, names, slice_cues(names, frame_phases))), desc=f"template bank {dataset}", disable=not progress
+            list(zip(entries, names, slice_cues(names, frame_phases))),
+            desc=f"template bank {dataset}",
+            disable=not progress,
         ):
             if "label" not in entry:
-                raise DataError(entry["image"], "datalist entry has no 'label': the template bank needs labelled slices")
+                raise DataError(
+                    entry["image"], "datalist entry has no 'label': the template bank needs labelled slices"
+                )
             data = loader({"image": entry["image"], "label": entry["label"]})
             try:
-                self.add(data["image"], data["label"], dataset, entry.get("patient") or case_of(name), name, position, phase)
+                self.add(
+                    data["image"], data["label"], dataset, entry.get("patient") or case_of(name), name, position, phase
+                )
             except ValueError as e:
                 label_file = "" if entry["label"] == entry["image"] else f" (label file {entry['label']})"
                 raise DataError(entry["image"], f"{e}{label_file}") from e
@@ -411,7 +420,9 @@ class TemplateBank:
 
     # ------------------------------------------------------------------ embeddings
 
-    def embed(self, embed_fn: EmbedFn | None = None, batch_size: int = 32, encoder_name: str | None = None) -> torch.Tensor:
+    def embed(
+        self, embed_fn: EmbedFn | None = None, batch_size: int = 32, encoder_name: str | None = None
+    ) -> torch.Tensor:
         """(Re)compute the embeddings of all exemplars, in batches, without gradients.
 
         Call it whenever the encoder's weights change (e.g. on a schedule during Stage-1 training).
@@ -432,7 +443,9 @@ class TemplateBank:
                 f"no encoder known for this bank (its embeddings were made by '{self.encoder_name}'): pass embed_fn"
             )
         images = self._columns().images
-        self._embeddings = torch.cat([self._encode(encoder, images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+        self._embeddings = torch.cat(
+            [self._encode(encoder, images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+        )
         if embed_fn is not None:
             self.embed_fn = embed_fn
             self.encoder_name = self._encoder_name(embed_fn, encoder_name)
@@ -511,13 +524,19 @@ class TemplateBank:
         encoder = embed_fn if embed_fn is not None else self.embed_fn
         query = self._encode(encoder, self._resize(images_t))  # type: ignore[arg-type]
         if query.shape[1] != bank_embeddings.shape[1]:
-            raise ValueError(f"the encoder gives {query.shape[1]}-d embeddings but the bank holds {bank_embeddings.shape[1]}-d ones")
+            raise ValueError(
+                f"the encoder gives {query.shape[1]}-d embeddings but the bank holds {bank_embeddings.shape[1]}-d ones"
+            )
         scores = query @ bank_embeddings.T + self._cue_scores(columns, query_positions, query_phases)
         top_scores, top_indices = scores.masked_fill(~allowed, -math.inf).topk(min(k, len(self)), dim=1)
         results = []
         for row_scores, row_indices, class_name in zip(top_scores.tolist(), top_indices.tolist(), query_classes):
             results.append(
-                [self._make_match(columns, index, score, class_name) for score, index in zip(row_scores, row_indices) if score > -math.inf]
+                [
+                    self._make_match(columns, index, score, class_name)
+                    for score, index in zip(row_scores, row_indices)
+                    if score > -math.inf
+                ]
             )
         return results
 
@@ -544,7 +563,9 @@ class TemplateBank:
             "phase_weight": self.phase_weight,
             "encoder_name": self.encoder_name,
             "embedding_dim": None if self._embeddings is None else int(self._embeddings.shape[1]),
-            "datasets": {d: {"modality": self._modalities[d], "class_names": list(self._class_names[d])} for d in self.datasets()},
+            "datasets": {
+                d: {"modality": self._modalities[d], "class_names": list(self._class_names[d])} for d in self.datasets()
+            },
             "exemplars": [asdict(e) for e in self.exemplars],
             "tensors_sha256": checksum,
         }
@@ -567,18 +588,24 @@ class TemplateBank:
         directory = Path(directory)
         index_path, tensors_path = directory / _INDEX_FILE, directory / _TENSORS_FILE
         if not index_path.is_file():
-            raise DataError(index_path, "template bank index not found (not a bank folder, or its save was interrupted)")
+            raise DataError(
+                index_path, "template bank index not found (not a bank folder, or its save was interrupted)"
+            )
         try:
             index = json.loads(index_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise DataError(index_path, f"corrupt template bank index (not JSON): {e}") from e
         if not isinstance(index, dict) or index.get("format_version") != BANK_FORMAT_VERSION:
             found = index.get("format_version") if isinstance(index, dict) else None
-            raise DataError(index_path, f"template bank format version {found!r}; this code reads {BANK_FORMAT_VERSION}")
+            raise DataError(
+                index_path, f"template bank format version {found!r}; this code reads {BANK_FORMAT_VERSION}"
+            )
         if not tensors_path.is_file():
             raise DataError(tensors_path, "template bank tensor file not found")
         if _sha256(tensors_path) != index.get("tensors_sha256"):
-            raise DataError(tensors_path, "content does not match the checksum in index.json (corrupt, or an interrupted save)")
+            raise DataError(
+                tensors_path, "content does not match the checksum in index.json (corrupt, or an interrupted save)"
+            )
         try:
             tensors = load_file(tensors_path)
         except SafetensorError as e:
@@ -617,7 +644,9 @@ class TemplateBank:
         """Bank and query images go through the same resampling, so a slice matched against itself scores 1."""
         if tuple(images.shape[-2:]) == self._size:
             return images.float()
-        return F.interpolate(images.float(), self._size, mode="bilinear", align_corners=False, antialias=True).clamp(0.0, 1.0)
+        return F.interpolate(images.float(), self._size, mode="bilinear", align_corners=False, antialias=True).clamp(
+            0.0, 1.0
+        )
 
     @staticmethod
     def _encoder_name(embed_fn: EmbedFn | None, encoder_name: str | None) -> str:
@@ -631,7 +660,9 @@ class TemplateBank:
         with torch.no_grad():
             embeddings = encoder(images)
         if embeddings.ndim != 2 or embeddings.shape[0] != images.shape[0]:
-            raise ValueError(f"embed_fn must map [B, 1, H, W] to [B, D]; it returned {tuple(embeddings.shape)} for B={images.shape[0]}")
+            raise ValueError(
+                f"embed_fn must map [B, 1, H, W] to [B, D]; got {tuple(embeddings.shape)} for B={images.shape[0]}"
+            )
         return F.normalize(embeddings.detach().float().cpu(), dim=1)
 
     def _check_dataset(self, dataset: str) -> str:
@@ -648,11 +679,10 @@ class TemplateBank:
             phases = {p: i for i, p in enumerate(dict.fromkeys(e.phase for e in self.exemplars if e.phase is not None))}
             labels = torch.stack(self._labels)
             num_values = max(len(names) for names in self._class_names.values())
-            present = torch.stack([torch.bincount(lab.flatten().long(), minlength=num_values) > 0 for lab in self._labels])
             self._columns_cache = _Columns(
                 images=torch.stack(self._images),
                 labels=labels,
-                present=present,
+                present=torch.stack([(labels == value).flatten(1).any(1) for value in range(num_values)], dim=1),
                 dataset_codes=torch.tensor([datasets[e.dataset] for e in self.exemplars]),
                 patient_codes=torch.tensor([patients[e.patient] for e in self.exemplars]),
                 phase_codes=torch.tensor([-1 if e.phase is None else phases[e.phase] for e in self.exemplars]),
@@ -676,11 +706,15 @@ class TemplateBank:
                 )
             return self.embed()
         if self.embed_fn is None:
-            raise ValueError(f"no encoder to embed the query: pass the embed_fn that made this bank ('{self.encoder_name}')")
+            raise ValueError(
+                f"no encoder to embed the query: pass the embed_fn that made this bank ('{self.encoder_name}')"
+            )
         return self._embeddings
 
-    def _qualifying(self, columns: _Columns, class_name: str, dataset: str | None, exclude_patient: str | None) -> torch.Tensor:
-        """[N] bool: exemplars (of ``dataset``, not of ``exclude_patient``) whose mask of ``class_name`` is non-empty."""
+    def _qualifying(
+        self, columns: _Columns, class_name: str, dataset: str | None, exclude_patient: str | None
+    ) -> torch.Tensor:
+        """[N] bool: the exemplars (of ``dataset``, not of ``exclude_patient``) with a non-empty ``class_name`` mask."""
         datasets = self.datasets() if dataset is None else [self._check_dataset(dataset)]
         known = [d for d in datasets if class_name in self._class_names[d]]
         if not known:

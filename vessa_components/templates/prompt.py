@@ -10,7 +10,14 @@ from __future__ import annotations
 
 import string
 
-__all__ = ["DEFAULT_PROMPT_TEMPLATE", "DEFAULT_ANSWER", "SEG_TOKEN", "PROMPT_FIELDS", "readable_class_name", "build_prompt"]
+__all__ = [
+    "DEFAULT_PROMPT_TEMPLATE",
+    "DEFAULT_ANSWER",
+    "SEG_TOKEN",
+    "PROMPT_FIELDS",
+    "readable_class_name",
+    "build_prompt",
+]
 
 #: the special token whose last hidden state is projected to the mask decoder's prompt embedding
 SEG_TOKEN = "<SEG>"

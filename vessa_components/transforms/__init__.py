@@ -1,4 +1,5 @@
 from .ct import RemapLabels, RemapLabelsd
+from .overlay import TemplateOverlay, TemplateOverlayd
 from .label import CheckLabelRange, CheckLabelRanged
 from .ssl import RandCutMixBox, RandCutMixBoxd, cutmix_with_flipped_batch
 
@@ -9,5 +10,7 @@ __all__ = [
     "RandCutMixBoxd",
     "RemapLabels",
     "RemapLabelsd",
+    "TemplateOverlay",
+    "TemplateOverlayd",
     "cutmix_with_flipped_batch",
 ]

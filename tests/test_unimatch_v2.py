@@ -159,3 +159,35 @@ def test_method_choice_and_empty_pool():
             device="cpu", max_epochs=1, train_data_loader=[], unlabeled_data_loader=[], network=torch.nn.Conv2d(1, 4, 1),
             optimizer=torch.optim.SGD(torch.nn.Conv2d(1, 4, 1).parameters(), lr=0.1), loss_function=torch.nn.MSELoss(),
         )
+
+
+def test_trainer_step_equals_the_bare_pytorch_step():
+    """The bundle's trainer and the benchmark's bare loop compute the same UniMatch V2 step (same loss, same weights)."""
+    from monai.losses import DiceCELoss
+
+    from vessa_components.reporting.benchmark import bare_unimatch_v2_step
+
+    labeled_loader, unlabeled_loader = _loaders(n=2, batch=2)
+    labeled, unlabeled = next(iter(labeled_loader)), next(iter(unlabeled_loader))
+    torch.manual_seed(0)
+    base = UNet(in_channels=1, out_channels=4)
+    loss_function = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=0.5, lambda_ce=0.5)
+
+    student_a, teacher_a = copy.deepcopy(base), copy.deepcopy(base)
+    optimizer_a = torch.optim.SGD(student_a.parameters(), lr=0.1)
+    torch.manual_seed(1)
+    loss_a = bare_unimatch_v2_step(student_a, teacher_a, optimizer_a, loss_function, labeled, unlabeled, 0.5, 0.99, 0)
+
+    student_b, teacher_b = copy.deepcopy(base), copy.deepcopy(base)
+    trainer = UniMatchV2Trainer(
+        device="cpu", max_epochs=1, epoch_length=1, train_data_loader=[labeled], unlabeled_data_loader=[unlabeled],
+        network=student_b, teacher=teacher_b, optimizer=torch.optim.SGD(student_b.parameters(), lr=0.1),
+        loss_function=loss_function, conf_thresh=0.5, train_handlers=[EMATeacher(student_b, teacher_b, decay=0.99)],
+    )
+    torch.manual_seed(1)
+    trainer.run()
+    assert float(trainer.state.output["loss"]) == pytest.approx(loss_a, rel=1e-5)
+    for p_a, p_b in zip(student_a.parameters(), student_b.parameters()):
+        assert torch.allclose(p_a, p_b, atol=1e-6)
+    for p_a, p_b in zip(teacher_a.parameters(), teacher_b.parameters()):
+        assert torch.allclose(p_a, p_b, atol=1e-6)

@@ -140,7 +140,7 @@ def bare_unimatch_v2_step(
             p_t.mul_(ratio).add_(p_s, alpha=1 - ratio)
         for b_t, b_s in zip(teacher.buffers(), student.buffers()):
             b_t.copy_(b_t * ratio + b_s * (1 - ratio) if b_t.is_floating_point() else b_s)
-    return float(loss)
+    return loss.item()
 
 
 def _overhead(output_dir: str, iterations: int, overrides: dict[str, Any], queue: mp.Queue) -> None:

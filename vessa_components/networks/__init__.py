@@ -13,6 +13,7 @@ from .sam2_parts import (
     load_sam2_checkpoint,
 )
 from .unet import UNet
+from .vessa import VessaModel, boxes_from_masks
 from .vlm import VLM_TRAINING_MODES, PromptOutput, Qwen3VLPrompter, qwen3vl_2b_config, tiny_qwen3vl_config
 
 __all__ = [
@@ -33,4 +34,6 @@ __all__ = [
     "Qwen3VLPrompter",
     "qwen3vl_2b_config",
     "tiny_qwen3vl_config",
+    "VessaModel",
+    "boxes_from_masks",
 ]

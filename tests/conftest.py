@@ -59,3 +59,4 @@ def acdc_root(shared_data: Path) -> Path:
 def abdomen_ct_dir(shared_data: Path) -> Path:
     """One real abdominal CT with TotalSegmentator labels (read-only)."""
     return shared_data / "abdomen_ct_example"
+

@@ -21,6 +21,8 @@ from vessa_components.data import DataError
 from vessa_components.metrics import compute_volume_metrics
 from vessa_components.networks import build_student
 
+from .helpers import copy_acdc_subset
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = REPO_ROOT / "bundles" / "vessa_ssl_acdc"
 CONFIGS = BUNDLE / "configs"
@@ -30,19 +32,9 @@ FAST = {"roi_size": 64, "batch_size": 2, "num_workers": 0, "cache_rate": 0.0, "s
 @pytest.fixture(scope="module")
 def small_acdc(tmp_path_factory, acdc_root) -> Path:
     """Real ACDC slices of three training patients and two real validation volumes, in the SSL4MIS layout."""
-    dst = tmp_path_factory.mktemp("acdc_small")
-    (dst / "data" / "slices").mkdir(parents=True)
-    patients = ("patient099", "patient038", "patient050")
-    names = [n for n in (acdc_root / "train_slices.list").read_text().split() if n.split("_frame")[0] in patients]
-    names = [n for n in names if int(n.rsplit("_", 1)[1]) % 2 == 0]  # every other slice keeps the test quick
-    for n in names:
-        shutil.copy(acdc_root / "data" / "slices" / f"{n}.h5", dst / "data" / "slices")
-    volumes = (acdc_root / "val.list").read_text().split()[:2]
-    for v in volumes:
-        shutil.copy(acdc_root / "data" / f"{v}.h5", dst / "data")
-    (dst / "train_slices.list").write_text("\n".join(names) + "\n")
-    (dst / "val.list").write_text("\n".join(volumes) + "\n")
-    return dst
+    return copy_acdc_subset(
+        acdc_root, tmp_path_factory.mktemp("acdc_small"), ("patient099", "patient038", "patient050"), slice_step=2
+    )
 
 
 def _workflow(configs, workflow_type, output_dir, dataset_dir, **overrides) -> ConfigWorkflow:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,21 +23,9 @@ from vessa_components.data import (
 )
 from vessa_components.transforms import CheckLabelRanged
 
+from .helpers import copy_acdc_subset
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def _copy_subset(acdc_root: Path, dst: Path, patients: list[str]) -> Path:
-    """A small slice-layout data set made of real slices of a few patients (train) and two real volumes (val)."""
-    (dst / "data" / "slices").mkdir(parents=True)
-    names = [n for n in (acdc_root / "train_slices.list").read_text().split() if n.split("_frame")[0] in patients]
-    for n in names:
-        shutil.copy(acdc_root / "data" / "slices" / f"{n}.h5", dst / "data" / "slices")
-    vols = (acdc_root / "val.list").read_text().split()[:2]
-    for v in vols:
-        shutil.copy(acdc_root / "data" / f"{v}.h5", dst / "data")
-    (dst / "train_slices.list").write_text("\n".join(names) + "\n")
-    (dst / "val.list").write_text("\n".join(vols) + "\n")
-    return dst
 
 
 @pytest.mark.parametrize("n", [1, 3, 7])
@@ -80,7 +67,7 @@ def test_bad_labeled_cases(acdc_root, tmp_path):
         make_slice_datalist(acdc_root, labeled_cases=500)
     with pytest.raises(DataError, match="does not exist"):
         make_slice_datalist(tmp_path / "nowhere")
-    root = _copy_subset(acdc_root, tmp_path / "small", ["patient099"])
+    root = copy_acdc_subset(acdc_root, tmp_path / "small", ("patient099",))
     (root / "val.list").write_text("\n")
     with pytest.raises(DataError, match=r"val.list: list file is empty"):
         make_slice_datalist(root, labeled_cases=1)

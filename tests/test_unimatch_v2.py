@@ -191,3 +191,16 @@ def test_trainer_step_equals_the_bare_pytorch_step():
         assert torch.allclose(p_a, p_b, atol=1e-6)
     for p_a, p_b in zip(teacher_a.parameters(), teacher_b.parameters()):
         assert torch.allclose(p_a, p_b, atol=1e-6)
+
+
+def test_strong_pass_leaves_batchnorm_running_stats_alone():
+    from vessa_components.engines import frozen_batchnorm_stats
+
+    net = UNet(in_channels=1, out_channels=4).train()
+    before = {n: b.clone() for n, b in net.named_buffers() if "running" in n}
+    with frozen_batchnorm_stats(net):
+        net(torch.rand(4, 1, 32, 32) * 3, comp_drop=True)
+    assert all(torch.equal(b, before[n]) for n, b in net.named_buffers() if "running" in n)
+    assert all(m.momentum == 0.1 for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    net(torch.rand(2, 1, 32, 32))
+    assert any(not torch.equal(b, before[n]) for n, b in net.named_buffers() if "running" in n)

@@ -16,6 +16,7 @@ Without an unlabelled loader the trainer is plain supervised training (what MONA
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,7 @@ from monai.inferers import Inferer, SimpleInferer
 from monai.transforms import Transform
 from monai.utils import IgniteInfo, min_version, optional_import
 from monai.utils.enums import CommonKeys as Keys
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim.optimizer import Optimizer
 from torch.utils.data import DataLoader
 
@@ -41,7 +43,7 @@ else:
     Metric, _ = optional_import("ignite.metrics", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Metric")
     EventEnum, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "EventEnum")
 
-__all__ = ["METHODS", "UniMatchV2Trainer", "UnlabeledKeys", "cycle_loader", "unlabeled_data"]
+__all__ = ["METHODS", "UniMatchV2Trainer", "UnlabeledKeys", "cycle_loader", "frozen_batchnorm_stats", "unlabeled_data"]
 
 
 class UnlabeledKeys:
@@ -52,6 +54,21 @@ class UnlabeledKeys:
     STRONG2 = "image_s2"
     BOX1 = "cutmix_box1"
     BOX2 = "cutmix_box2"
+
+
+@contextlib.contextmanager
+def frozen_batchnorm_stats(network: torch.nn.Module) -> Iterator[None]:
+    """Within the block, BatchNorm layers normalise with batch statistics as usual but leave their running statistics
+    unchanged (momentum 0), so eval-mode predictions keep the statistics of clean inputs."""
+    layers = [m for m in network.modules() if isinstance(m, _BatchNorm)]
+    momenta = [m.momentum for m in layers]
+    for m in layers:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum in zip(layers, momenta):
+            m.momentum = momentum
 
 
 def cycle_loader(loader: Iterable) -> Iterator:
@@ -81,6 +98,10 @@ class UniMatchV2Trainer(Trainer):
         conf_thresh: teacher confidence (max softmax probability) from which a pseudo-label counts.
         epoch_length: iterations per epoch (default: length of the labelled loader).
         comp_drop: apply complementary channel dropout to the strong views (the network's ``comp_drop`` argument).
+        freeze_bn_on_strong: keep BatchNorm running statistics out of the strong-view pass. UniMatch V2's DINOv2
+            student has no BatchNorm; a BatchNorm student (the UNet) would otherwise average in the statistics of
+            CutMixed, complementary-dropped features (channels x2 or 0), which ruins its eval-mode predictions and,
+            through the EMA, the teacher's pseudo-labels.
         other arguments: as in ``monai.engines.SupervisedTrainer``.
 
     ``engine.state.output`` holds ``loss``, ``loss_x``, ``loss_u`` and ``mask_ratio`` (share of unlabelled pixels whose
@@ -100,6 +121,7 @@ class UniMatchV2Trainer(Trainer):
         conf_thresh: float = 0.95,
         epoch_length: int | None = None,
         comp_drop: bool = True,
+        freeze_bn_on_strong: bool = True,
         non_blocking: bool = False,
         prepare_batch: Callable = default_prepare_batch,
         iteration_update: Callable[[Engine, Any], Any] | None = None,
@@ -146,6 +168,7 @@ class UniMatchV2Trainer(Trainer):
         self.inferer = SimpleInferer() if inferer is None else inferer
         self.conf_thresh = conf_thresh
         self.comp_drop = comp_drop
+        self.freeze_bn_on_strong = freeze_bn_on_strong
         self.optim_set_to_none = optim_set_to_none
         self.unlabeled_data_loader = unlabeled_data_loader
         self._unlabeled_batches = None if unlabeled_data_loader is None else cycle_loader(unlabeled_data_loader)
@@ -197,7 +220,8 @@ class UniMatchV2Trainer(Trainer):
                 engine.state.output.update({Keys.LOSS: loss_x, "loss_x": loss_x.detach()})
             else:
                 strong = torch.cat((strong1, strong2))
-                pred_s1, pred_s2 = engine.inferer(strong, engine.network, comp_drop=engine.comp_drop).chunk(2)
+                with frozen_batchnorm_stats(engine.network) if engine.freeze_bn_on_strong else contextlib.nullcontext():
+                    pred_s1, pred_s2 = engine.inferer(strong, engine.network, comp_drop=engine.comp_drop).chunk(2)
                 engine.fire_event(IterationEvents.FORWARD_COMPLETED)
                 loss_u = (
                     engine.unsupervised_loss(pred_s1, pseudo1, conf1) + engine.unsupervised_loss(pred_s2, pseudo2, conf2)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..engines import UniMatchV2Trainer
+from ..engines import UniMatchV2Trainer, frozen_batchnorm_stats
 from ..transforms.ssl import cutmix_with_flipped_batch
 
 __all__ = ["bare_unimatch_v2_step", "run_method", "measure_overhead", "summarize_runs", "format_results"]
@@ -126,7 +126,8 @@ def bare_unimatch_v2_step(
     student.train()
     optimizer.zero_grad()
     loss_x = loss_function(student(x), y)
-    pred_s1, pred_s2 = student(strong, comp_drop=True).chunk(2)
+    with frozen_batchnorm_stats(student):
+        pred_s1, pred_s2 = student(strong, comp_drop=True).chunk(2)
     loss_u = 0.0
     for pred, box in ((pred_s1, box1), (pred_s2, box2)):
         ce = F.cross_entropy(pred, cutmix_with_flipped_batch(pseudo_w, box), reduction="none")

@@ -128,3 +128,14 @@ def test_make_datalist_tool(acdc_root, tmp_path):
     with pytest.raises(DataError, match="patient555"):
         tool.main(root=str(acdc_root), out=str(tmp_path / "x.json"), labeled_cases="patient555")
     assert not (tmp_path / "x.json").exists()
+
+
+def test_volume_list_relative_to_root_or_working_dir(acdc_root, tmp_path, monkeypatch):
+    from vessa_components.data import volume_datalist
+
+    relative_root = os.path.relpath(acdc_root)
+    assert len(volume_datalist(relative_root, "val.list")) == 20
+    custom = tmp_path / "two.list"
+    custom.write_text("patient028_frame01\npatient028_frame02\n")
+    monkeypatch.chdir(tmp_path)
+    assert [e["name"] for e in volume_datalist(acdc_root, "two.list")] == ["patient028_frame01", "patient028_frame02"]

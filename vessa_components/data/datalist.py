@@ -42,9 +42,12 @@ def read_list_file(path: str | os.PathLike) -> list[str]:
 
 
 def volume_datalist(root: str | os.PathLike, list_file: str | os.PathLike) -> list[dict[str, str]]:
-    """One ``{"image", "label", "patient", "name"}`` entry per volume named in ``list_file`` (relative to ``root``)."""
+    """One ``{"image", "label", "patient", "name"}`` entry per volume named in ``list_file``: a path relative to
+    ``root`` (``val.list``) or to the working directory, or an absolute one."""
     root = Path(root)
-    list_path = Path(list_file) if os.path.isabs(list_file) else root / list_file
+    list_path = Path(list_file)
+    if not list_path.is_absolute() and (root / list_path).is_file():
+        list_path = root / list_path
     entries = []
     for name in read_list_file(list_path):
         path = root / "data" / f"{name}.h5"

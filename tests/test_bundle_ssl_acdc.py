@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -180,8 +181,11 @@ def test_cli_main_command_on_demo_data(tmp_path):
 def test_torchrun_two_processes(tmp_path, small_acdc):
     """Real multi-process training (gloo on CPU) through multi_gpu_train.json."""
     configs = f"['{CONFIGS / 'train.json'}','{CONFIGS / 'multi_gpu_train.json'}']"
+    with socket.socket() as probe:  # a free port, so a leftover run elsewhere cannot collide with this one
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", "29731",
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", port,
         "-m", "monai.bundle", "run", "--config_file", configs, "--bundle_root", str(BUNDLE),
         "--output_dir", str(tmp_path), "--dataset_dir", str(small_acdc), "--data_layout", "ssl4mis",
         "--labeled_cases", "1", "--max_iterations", "2", "--val_interval", "2", "--save_interval", "2",

@@ -11,28 +11,37 @@ from .acdc import (
 from .abdomenct import (
     ABDOMENCT_CLASS_NAMES,
     ABDOMENCT_HU_WINDOW,
+    ABDOMENCT_IMAGE_SUFFIX,
+    ABDOMENCT_LABEL_SUFFIX,
     ABDOMENCT_LABELS,
     TOTALSEGMENTATOR_TO_ABDOMENCT1K,
     convert_abdomenct_to_slices,
+    find_abdomenct_cases,
     load_abdomenct_case,
     make_abdomenct_datalist,
+    resolve_label_map,
 )
 from .acdc_raw import AcdcCase, convert_acdc_raw_to_ssl4mis, list_raw_cases, load_raw_frame, read_info_cfg, split_patients
 from .datalist import case_of, make_slice_datalist, read_list_file, volume_datalist, write_datalist
 from .demo import SYNTHETIC_MARKER, make_demo_acdc
+from .demo_abdomenct import make_demo_abdomenct
 from .errors import DataError
 from .h5 import LoadH5, LoadH5d, read_h5
-from .prepare import DATA_LAYOUTS, prepare_dataset
+from .prepare import DATA_LAYOUTS, abdomenct_folders, prepare_dataset
 from .splits import parse_labeled_cases, select_labeled_patients
 
 __all__ = [
     "ABDOMENCT_CLASS_NAMES",
     "ABDOMENCT_HU_WINDOW",
+    "ABDOMENCT_IMAGE_SUFFIX",
+    "ABDOMENCT_LABEL_SUFFIX",
     "ABDOMENCT_LABELS",
     "TOTALSEGMENTATOR_TO_ABDOMENCT1K",
     "convert_abdomenct_to_slices",
+    "find_abdomenct_cases",
     "load_abdomenct_case",
     "make_abdomenct_datalist",
+    "resolve_label_map",
     "AcdcCase",
     "convert_acdc_raw_to_ssl4mis",
     "list_raw_cases",
@@ -41,6 +50,7 @@ __all__ = [
     "split_patients",
     "SYNTHETIC_MARKER",
     "make_demo_acdc",
+    "make_demo_abdomenct",
     "ACDC_CLASS_NAMES",
     "ACDC_LABELS",
     "FIXED_LABELED_CASES",
@@ -57,6 +67,7 @@ __all__ = [
     "LoadH5d",
     "read_h5",
     "DATA_LAYOUTS",
+    "abdomenct_folders",
     "prepare_dataset",
     "parse_labeled_cases",
     "select_labeled_patients",

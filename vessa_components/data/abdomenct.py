@@ -12,6 +12,10 @@ release uses, so one training pipeline serves both data sets::
     OUT/train_slices.list, OUT/val.list[, OUT/test.list]   one name per line, without ``.h5``
     OUT/conversion.json                     the settings and split of the conversion
 
+With ``axial_parts > 1`` every case is cut into that many contiguous axial slabs, each named
+``<case>_part<k>`` and treated as a case of its own by the splits; this lets a data set of one or two CT volumes
+still give disjoint labelled, unlabelled and validation sets (for checking the pipeline, not for measuring accuracy).
+
 Orientation: volumes are brought to RAS+ (nibabel's closest canonical orientation), where the axial axis is the
 last one; every axial slice is then shown the radiological way: rows run anterior -> posterior, columns run from
 the patient's right to their left (the patient's right is on the viewer's left). ``K`` counts slices from inferior
@@ -47,6 +51,9 @@ __all__ = [
     "ABDOMENCT_HU_WINDOW",
     "TOTALSEGMENTATOR_TO_ABDOMENCT1K",
     "LABEL_MAP_PRESETS",
+    "ABDOMENCT_IMAGE_SUFFIX",
+    "ABDOMENCT_LABEL_SUFFIX",
+    "axial_part_bounds",
     "resolve_label_map",
     "find_abdomenct_cases",
     "hu_window_transform",
@@ -70,34 +77,70 @@ TOTALSEGMENTATOR_TO_ABDOMENCT1K: dict[int, int] = {5: 1, 2: 2, 3: 2, 1: 3, 7: 4}
 #: label maps by the name the command line and configs use
 LABEL_MAP_PRESETS: dict[str, dict[int, int]] = {"totalsegmentator": TOTALSEGMENTATOR_TO_ABDOMENCT1K}
 
-_IMAGE_SUFFIX = "_0000.nii.gz"
-_MASK_SUFFIX = ".nii.gz"
+#: file name endings of the AbdomenCT-1K (nnU-Net) release: ``<case>_0000.nii.gz`` images, ``<case>.nii.gz`` masks
+ABDOMENCT_IMAGE_SUFFIX = "_0000.nii.gz"
+ABDOMENCT_LABEL_SUFFIX = ".nii.gz"
+_IMAGE_SUFFIX = ABDOMENCT_IMAGE_SUFFIX
+_MASK_SUFFIX = ABDOMENCT_LABEL_SUFFIX
 #: voxel sizes (mm) and affines of an image and its mask must agree to this absolute tolerance
 _GEOMETRY_ATOL = 1e-3
 #: nibabel's errors for a file that is not NIfTI, truncated (gzip ends early) or corrupt
 _READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, ImageFileError)
 
 
-def resolve_label_map(label_map: str | Mapping[int, int] | None) -> dict[int, int] | None:
-    """A label map given by preset name (see :data:`LABEL_MAP_PRESETS`), as a mapping, or ``None`` (no remapping)."""
+def _target_id(source: Any, target: Any) -> int:
+    """The AbdomenCT-1K id of one label-map target: a class name of :data:`ABDOMENCT_CLASS_NAMES` or an id."""
+    if isinstance(target, str) and not target.strip().lstrip("-").isdigit():
+        name = target.strip().lower()
+        if name not in ABDOMENCT_CLASS_NAMES:
+            raise ValueError(
+                f"label_map: unknown class name '{target}' (for source id {source}); the classes are "
+                f"{list(ABDOMENCT_CLASS_NAMES)}"
+            )
+        return ABDOMENCT_CLASS_NAMES.index(name)
+    return int(target)
+
+
+def resolve_label_map(label_map: str | Mapping[Any, Any] | None) -> dict[int, int] | None:
+    """A label map given by preset name (see :data:`LABEL_MAP_PRESETS`), as a mapping, or ``None`` (no remapping).
+
+    A mapping goes from source ids to AbdomenCT-1K ids or class names, e.g. ``{5: "liver", 2: "kidney", 3: 2}``;
+    keys may be strings of digits (JSON objects have string keys).
+
+    Raises:
+        ValueError: an unknown preset or class name, or a source id that is not an integer.
+    """
     if label_map is None:
         return None
     if isinstance(label_map, str):
         if label_map.lower() not in LABEL_MAP_PRESETS:
             raise ValueError(f"unknown label_map preset '{label_map}'; choose one of {sorted(LABEL_MAP_PRESETS)}")
         return dict(LABEL_MAP_PRESETS[label_map.lower()])
-    return {int(k): int(v) for k, v in label_map.items()}
+    try:
+        return {int(k): _target_id(k, v) for k, v in label_map.items()}
+    except (TypeError, ValueError) as e:
+        if "label_map" in str(e):
+            raise
+        raise ValueError(f"label_map: source ids and targets must be integers or class names, got {label_map}") from e
 
 
 def find_abdomenct_cases(
-    image_dir: str | os.PathLike, label_dir: str | os.PathLike | None = None, cases: Sequence[str] | None = None
+    image_dir: str | os.PathLike,
+    label_dir: str | os.PathLike | None = None,
+    cases: Sequence[str] | None = None,
+    image_suffix: str = ABDOMENCT_IMAGE_SUFFIX,
+    label_suffix: str = ABDOMENCT_LABEL_SUFFIX,
 ) -> list[dict[str, str]]:
-    """Pair each ``<case>_0000.nii.gz`` image with its ``<case>.nii.gz`` mask.
+    """Pair each ``<case><image_suffix>`` image (default ``<case>_0000.nii.gz``) with its ``<case><label_suffix>``
+    mask (default ``<case>.nii.gz``).
 
     Args:
         image_dir: folder of the images.
         label_dir: folder of the masks (default: ``image_dir``).
         cases: case ids to keep (default: all), e.g. ``["Case_00001"]``.
+        image_suffix: how image file names end; what precedes it is the case id.
+        label_suffix: how mask file names end. Files in ``image_dir`` that end with it are masks, never images
+            (so ``.nii.gz`` images with ``_seg.nii.gz`` masks in one folder pair up).
 
     Returns:
         ``[{"case": "Case_00001", "image": path, "label": path}, ...]`` sorted by case id.
@@ -109,9 +152,16 @@ def find_abdomenct_cases(
     label_dir = image_dir if label_dir is None else Path(label_dir)
     if not image_dir.is_dir():
         raise DataError(image_dir, "image folder not found")
-    images = {p.name[: -len(_IMAGE_SUFFIX)]: p for p in sorted(image_dir.glob(f"*{_IMAGE_SUFFIX}"))}
+    if not image_suffix or not label_suffix:
+        raise ValueError("image_suffix and label_suffix must not be empty")
+    masks_among_images = label_dir == image_dir and label_suffix != image_suffix and label_suffix.endswith(image_suffix)
+    images = {
+        p.name[: -len(image_suffix)]: p
+        for p in sorted(image_dir.glob(f"*{image_suffix}"))
+        if len(p.name) > len(image_suffix) and not (masks_among_images and p.name.endswith(label_suffix))
+    }
     if not images:
-        raise DataError(image_dir, f"no '<case>{_IMAGE_SUFFIX}' images in this folder")
+        raise DataError(image_dir, f"no '<case>{image_suffix}' images in this folder")
     if cases is not None:
         unknown = [c for c in cases if c not in images]
         if unknown:
@@ -119,7 +169,7 @@ def find_abdomenct_cases(
         images = {c: images[c] for c in sorted(set(cases))}
     pairs = []
     for case, image in images.items():
-        label = label_dir / f"{case}{_MASK_SUFFIX}"
+        label = label_dir / f"{case}{label_suffix}"
         if not label.is_file():
             raise DataError(label, f"mask of image {image.name} not found")
         pairs.append({"case": case, "image": str(image), "label": str(label)})
@@ -220,6 +270,20 @@ def axial_slices(
     return slices
 
 
+def axial_part_bounds(n_slices: int, parts: int) -> list[tuple[int, int]]:
+    """``[(start, stop), ...]``: ``parts`` contiguous, nearly equal ranges of axial slice indices covering
+    ``0 .. n_slices - 1`` from inferior to superior (the first ``n_slices % parts`` ranges are one slice longer)."""
+    if parts < 1 or n_slices < parts:
+        raise ValueError(f"cannot cut {n_slices} slices into {parts} axial parts")
+    size, extra = divmod(n_slices, parts)
+    bounds, start = [], 0
+    for k in range(parts):
+        stop = start + size + (1 if k < extra else 0)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
 def _write_h5(path: Path, image: np.ndarray, label: np.ndarray, attrs: Mapping[str, Any]) -> None:
     """Write one SSL4MIS-style HDF5 file (gzip-compressed like the ACDC release) atomically."""
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
@@ -261,6 +325,9 @@ def convert_abdomenct_to_slices(
     test_cases: Sequence[str] | None = None,
     test_fraction: float = 0.0,
     seed: int = 0,
+    image_suffix: str = ABDOMENCT_IMAGE_SUFFIX,
+    label_suffix: str = ABDOMENCT_LABEL_SUFFIX,
+    axial_parts: int = 1,
 ) -> dict[str, Any]:
     """Convert an AbdomenCT-1K style release to the SSL4MIS slice layout (see the module docstring).
 
@@ -284,19 +351,32 @@ def convert_abdomenct_to_slices(
         test_fraction: share of the cases held out for testing (rounded up), drawn with ``seed``; ``test.list`` is
             written only when there are test cases.
         seed: seed of the random splits.
+        image_suffix: how image file names end (see :func:`find_abdomenct_cases`).
+        label_suffix: how mask file names end.
+        axial_parts: cut every case into this many contiguous axial slabs ``<case>_part<k>`` (``k`` from 0,
+            inferior to superior), which the splits (and ``val_cases`` / ``test_cases``) treat as separate cases.
+            1 (the default) keeps whole cases.
 
     Returns:
         ``{"train": [case ids], "validation": [...], "test": [...], "num_train_slices": n}``.
 
     Raises:
         DataError: an input file is missing, unreadable, or inconsistent (see :func:`load_abdomenct_case`), a
-            requested case is unknown, or no training case is left.
+            requested case is unknown, a case has fewer axial slices than ``axial_parts``, or no training case is
+            left.
     """
     out_dir = Path(out_dir)
     mapping = resolve_label_map(label_map)
     window = hu_window_transform(hu_window)
-    pairs = find_abdomenct_cases(image_dir, label_dir, cases)
-    case_ids = [p["case"] for p in pairs]
+    if int(axial_parts) < 1:
+        raise ValueError(f"axial_parts must be at least 1, got {axial_parts}")
+    axial_parts = int(axial_parts)
+    pairs = find_abdomenct_cases(image_dir, label_dir, cases, image_suffix=image_suffix, label_suffix=label_suffix)
+
+    def part_ids(case: str) -> list[str]:
+        return [case] if axial_parts == 1 else [f"{case}_part{k}" for k in range(axial_parts)]
+
+    case_ids = [part for p in pairs for part in part_ids(p["case"])]
     rng = random.Random(seed)
     val = _split_off(case_ids, val_cases, val_fraction, rng, "val", Path(image_dir))
     if test_cases is not None and set(test_cases) & set(val):
@@ -310,26 +390,33 @@ def convert_abdomenct_to_slices(
     # first pass: validate everything (volumes are read again below, rather than held in memory, since a full
     # release does not fit)
     for pair in pairs:
-        load_abdomenct_case(pair["image"], pair["label"], mapping)
+        checked = load_abdomenct_case(pair["image"], pair["label"], mapping)
+        if checked["image"].shape[2] < axial_parts:
+            raise DataError(
+                pair["image"], f"{checked['image'].shape[2]} axial slices cannot be cut into {axial_parts} parts"
+            )
 
     slice_names = []
     for pair in pairs:
         case = load_abdomenct_case(pair["image"], pair["label"], mapping)
         image = convert_to_numpy(window(case["image"]), dtype=np.float32)
         source = Path(pair["image"]).name
-        if pair["case"] in train:
-            for item in axial_slices(image, case["spacing"], case["label"]):
-                if not keep_empty_slices and not item["label"].any():
-                    continue
-                name = f"{pair['case']}_slice_{item['slice_index']}"
-                attrs = {"spacing": item["spacing"], "slice_index": item["slice_index"], "source": source}
-                _write_h5(out_dir / "data" / "slices" / f"{name}.h5", item["image"], item["label"], attrs)
-                slice_names.append(name)
-        else:
-            stack, stack_spacing = to_axial_stack(image, case["spacing"])
-            label_stack, _ = to_axial_stack(case["label"], case["spacing"])
-            attrs = {"spacing": stack_spacing, "source": source}
-            _write_h5(out_dir / "data" / f"{pair['case']}.h5", stack, label_stack, attrs)
+        slices = axial_slices(image, case["spacing"], case["label"])
+        bounds = [(0, len(slices))] if axial_parts == 1 else axial_part_bounds(len(slices), axial_parts)
+        for part, (start, stop) in zip(part_ids(pair["case"]), bounds):
+            if part in train:
+                for item in slices[start:stop]:
+                    if not keep_empty_slices and not item["label"].any():
+                        continue
+                    name = f"{part}_slice_{item['slice_index']}"
+                    attrs = {"spacing": item["spacing"], "slice_index": item["slice_index"], "source": source}
+                    _write_h5(out_dir / "data" / "slices" / f"{name}.h5", item["image"], item["label"], attrs)
+                    slice_names.append(name)
+            else:
+                stack, stack_spacing = to_axial_stack(image, case["spacing"])
+                label_stack, _ = to_axial_stack(case["label"], case["spacing"])
+                attrs = {"spacing": stack_spacing, "source": source, "first_slice_index": start}
+                _write_h5(out_dir / "data" / f"{part}.h5", stack[start:stop], label_stack[start:stop], attrs)
 
     write_text(out_dir / "train_slices.list", "".join(f"{n}\n" for n in slice_names))
     write_text(out_dir / "val.list", "".join(f"{c}\n" for c in val))
@@ -345,6 +432,9 @@ def convert_abdomenct_to_slices(
             "label_map": None if mapping is None else {str(k): v for k, v in mapping.items()},
             "keep_empty_slices": keep_empty_slices,
             "seed": seed,
+            "image_suffix": image_suffix,
+            "label_suffix": label_suffix,
+            "axial_parts": axial_parts,
         },
     )
     return summary
@@ -353,7 +443,7 @@ def convert_abdomenct_to_slices(
 def make_abdomenct_datalist(
     root: str | os.PathLike,
     labeled_fraction: float = 0.05,
-    labeled_cases: Sequence[str] | None = None,
+    labeled_cases: int | str | Sequence[str] | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
     """The datalist of a root written by :func:`convert_abdomenct_to_slices`, split into labelled and unlabelled
@@ -362,7 +452,9 @@ def make_abdomenct_datalist(
     Args:
         root: converted data root.
         labeled_fraction: share of the training cases that are labelled, in (0, 1]; rounded up, so at least one.
-        labeled_cases: explicit labelled case ids; overrides ``labeled_fraction``.
+        labeled_cases: overrides ``labeled_fraction``: labelled case ids (a list, or a comma-separated string), a
+            count ``n`` (the first ``n`` cases of ``train_slices.list``) or a percentage ``"5%"``; see
+            :func:`vessa_components.data.parse_labeled_cases`.
         seed: seed of the draw of labelled cases.
 
     Returns:
@@ -383,9 +475,13 @@ def make_abdomenct_datalist(
         training_cases = list(dict.fromkeys(case_of(n) for n in read_list_file(train_list)))
         count = _count_of_fraction(labeled_fraction, len(training_cases))
         labeled_cases = sorted(random.Random(seed).sample(training_cases, count))
-    elif not labeled_cases:
+    elif isinstance(labeled_cases, str) and not labeled_cases.strip() or (
+        not isinstance(labeled_cases, (str, int, float)) and not labeled_cases
+    ):
         raise DataError(train_list, "labeled_cases is empty: the labelled split would be empty")
-    datalist = make_slice_datalist(root, labeled_cases=list(labeled_cases), seed=seed)
+    if not isinstance(labeled_cases, (str, int, float)):
+        labeled_cases = list(labeled_cases)
+    datalist = make_slice_datalist(root, labeled_cases=labeled_cases, seed=seed)
     if by_fraction and labeled_fraction < 1.0 and not datalist["unlabeled"]:
         raise DataError(train_list, f"no unlabelled training case left after labelling {datalist['labeled_patients']}")
     return datalist

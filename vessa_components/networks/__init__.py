@@ -13,7 +13,7 @@ from .sam2_parts import (
     load_sam2_checkpoint,
 )
 from .unet import UNet
-from .vessa import VessaModel, boxes_from_masks
+from .vessa import VESSA_ENCODER_NAME, VessaModel, VessaSegmenter, boxes_from_masks, build_vessa_model
 from .vlm import VLM_TRAINING_MODES, PromptOutput, Qwen3VLPrompter, qwen3vl_2b_config, tiny_qwen3vl_config
 
 __all__ = [
@@ -34,6 +34,9 @@ __all__ = [
     "Qwen3VLPrompter",
     "qwen3vl_2b_config",
     "tiny_qwen3vl_config",
+    "VESSA_ENCODER_NAME",
     "VessaModel",
+    "VessaSegmenter",
     "boxes_from_masks",
+    "build_vessa_model",
 ]

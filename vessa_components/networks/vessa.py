@@ -4,18 +4,23 @@ is the sparse prompt of SAM2's mask decoder. Optional dense (mask) and box promp
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..templates.bank import TemplateBank
 from ..templates.prompt import DEFAULT_PROMPT_TEMPLATE, build_prompt
 from ..transforms.overlay import TemplateOverlay
-from .sam2_parts import Sam2Parts
+from .sam2_parts import SAM2_DEFAULT_CONFIG, Sam2Parts, build_sam2_model
 from .vlm import Qwen3VLPrompter
 
-__all__ = ["VessaModel", "boxes_from_masks"]
+__all__ = ["VESSA_ENCODER_NAME", "VessaModel", "VessaSegmenter", "boxes_from_masks", "build_vessa_model"]
+
+#: encoder name a template bank records for :meth:`VessaModel.embed_images` (SAM2's pooled top-level feature)
+VESSA_ENCODER_NAME = "vessa_sam2_pooled"
 
 
 def boxes_from_masks(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,6 +48,10 @@ class VessaModel(nn.Module):
         modality: imaging modality named in the prompt text (``MRI``, ``CT``).
         prompt_template: the reference text with ``{modality}`` and ``{class}`` fields.
         overlay: renders the template with its mask for the VLM (default: red, half transparent, with contour).
+
+    The state dict leaves out the frozen parameters of a VLM loaded from a checkpoint (``prompter.vlm_path``): they are
+    what that checkpoint holds (gigabytes for Qwen3-VL-2B), so the saved VESSA weights stay small and loading them
+    back accepts their absence. A tiny random VLM (no ``vlm_path``) is always saved: nothing else could restore it.
     """
 
     def __init__(
@@ -65,10 +74,33 @@ class VessaModel(nn.Module):
         self.modality = modality
         self.prompt_template = prompt_template
         self.overlay = TemplateOverlay() if overlay is None else overlay
+        self.register_state_dict_post_hook(_drop_pretrained_frozen_vlm)
+        self.register_load_state_dict_post_hook(_allow_missing_pretrained_frozen_vlm)
 
     @property
     def image_size(self) -> int:
         return self.sam2.image_size
+
+    def pretrained_frozen_vlm_keys(self) -> set[str]:
+        """State-dict keys (relative to this module) of the VLM entries that a checkpoint directory restores: every
+        parameter and buffer of a VLM loaded from ``vlm_path`` except the trained ones (LoRA adapters, ``full``)."""
+        vlm = self.prompter.vlm
+        if vlm is None or not self.prompter.vlm_path:
+            return set()
+        trained = {name for name, p in vlm.named_parameters() if p.requires_grad}
+        return {f"prompter.vlm.{name}" for name in vlm.state_dict(keep_vars=True) if name not in trained}
+
+    @torch.no_grad()
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Template-bank embeddings: SAM2's pooled top-level image feature, ``[B, 1, H, W]`` in [0, 1] -> ``[B, C]``.
+
+        Images of another size are resized (bilinear) to ``image_size``; gradients are never recorded.
+        """
+        device = next(self.sam2.parameters()).device
+        images = images.to(device=device, dtype=torch.float32)
+        if images.shape[-2:] != (self.image_size, self.image_size):
+            images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        return self.sam2.encode_image(images)["pooled"]
 
     def forward(
         self,
@@ -78,6 +110,7 @@ class VessaModel(nn.Module):
         class_indices: torch.Tensor,
         mask_prompts: torch.Tensor | None = None,
         boxes: torch.Tensor | None = None,
+        modalities: Sequence[str] | None = None,
     ) -> dict[str, torch.Tensor | None]:
         """Mask logits of one class per sample.
 
@@ -88,6 +121,8 @@ class VessaModel(nn.Module):
             class_indices: ``[B]`` indices into ``class_names``.
             mask_prompts: optional dense prompt, ``[B, 1, S, S]`` (or ``S/4``) logits, e.g. the student's prediction.
             boxes: optional ``[B, 4]`` ``(x0, y0, x1, y1)`` pixel boxes.
+            modalities: the modality named in each sample's prompt (several data sets in one batch); default
+                ``modality`` for all.
 
         Returns:
             ``logits`` ``[B, 1, S, S]``, ``low_res_logits``, ``iou``, ``object_score_logits`` and the VLM's ``lm_loss``
@@ -95,8 +130,13 @@ class VessaModel(nn.Module):
         """
         if images.shape[-2:] != (self.image_size, self.image_size):
             raise ValueError(f"VESSA takes {self.image_size} x {self.image_size} slices, got {tuple(images.shape[-2:])}")
+        if modalities is None:
+            modalities = [self.modality] * len(class_indices)
+        elif len(modalities) != len(class_indices):
+            raise ValueError(f"need one modality per sample, got {len(modalities)} for {len(class_indices)} samples")
         texts = [
-            build_prompt(self.class_names[int(c)], self.modality, self.prompt_template) for c in class_indices.tolist()
+            build_prompt(self.class_names[int(c)], m, self.prompt_template)
+            for c, m in zip(class_indices.tolist(), modalities)
         ]
         overlays = torch.stack([self.overlay(t, m) for t, m in zip(template_images, template_masks)])
         prompt = self.prompter(images.expand(-1, 3, -1, -1), overlays.to(images), texts, class_indices)
@@ -119,6 +159,8 @@ class VessaModel(nn.Module):
         template_masks: torch.Tensor,
         mask_prompts: torch.Tensor | None = None,
         boxes: torch.Tensor | None = None,
+        class_indices: Sequence[int] | None = None,
+        modality: str | None = None,
     ) -> torch.Tensor:
         """(C+1)-channel probabilities ``[B, C+1, S, S]`` for all classes at once (classes run as one batch).
 
@@ -126,16 +168,21 @@ class VessaModel(nn.Module):
             images: ``[B, 1, S, S]``.
             template_images, template_masks: ``[B, C, 1, S, S]``, one matched template per image and class.
             mask_prompts: optional ``[B, C, 1, S, S]`` logits; boxes: optional ``[B, C, 4]``.
+            class_indices: the ``C`` classes (indices into ``class_names``) in channel order; default all of them.
+            modality: the modality named in the prompts; default ``modality``.
 
         The background probability is ``1 - max`` of the foreground probabilities, so a pixel is foreground only when
         some class is more likely than not.
         """
         b, c = template_images.shape[:2]
         flat = lambda t: None if t is None else t.flatten(0, 1)  # noqa: E731
-        class_indices = torch.arange(c, device=images.device).repeat(b)
+        classes = torch.arange(c) if class_indices is None else torch.as_tensor(list(class_indices))
+        if len(classes) != c:
+            raise ValueError(f"{len(classes)} class indices for templates of {c} classes")
+        modalities = [modality or self.modality] * (b * c)
         out = self.forward(
-            images.repeat_interleave(c, dim=0), flat(template_images), flat(template_masks), class_indices,
-            flat(mask_prompts), flat(boxes),
+            images.repeat_interleave(c, dim=0), flat(template_images), flat(template_masks),
+            classes.to(images.device).repeat(b), flat(mask_prompts), flat(boxes), modalities,
         )
         foreground = torch.sigmoid(out["logits"]).view(b, c, *images.shape[-2:])
         background = 1.0 - foreground.amax(dim=1, keepdim=True)
@@ -149,11 +196,151 @@ class VessaModel(nn.Module):
         template_masks: torch.Tensor,
         mask_prompts: torch.Tensor | None = None,
         box_prompts: torch.Tensor | None = None,
+        class_indices: Sequence[int] | None = None,
+        modality: str | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Labels ``[B, S, S]`` (0 background, 1..C classes) and their confidences for Stage 2's unlabelled slices.
 
-        ``mask_prompts`` (``[B, C, 1, S, S]`` logits) and ``box_prompts`` (``[B, C, 4]``) carry the student's feedback.
+        ``mask_prompts`` (``[B, C, 1, S, S]`` logits) and ``box_prompts`` (``[B, C, 4]``) carry the student's feedback;
+        ``class_indices`` and ``modality`` are as in :meth:`segment_classes`.
         """
-        probabilities = self.segment_classes(images, template_images, template_masks, mask_prompts, box_prompts)
+        probabilities = self.segment_classes(
+            images, template_images, template_masks, mask_prompts, box_prompts, class_indices, modality
+        )
         confidence, labels = probabilities.max(dim=1)
         return labels, confidence
+
+
+def _drop_pretrained_frozen_vlm(module: VessaModel, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    for key in module.pretrained_frozen_vlm_keys():
+        state_dict.pop(prefix + key, None)
+
+
+def _allow_missing_pretrained_frozen_vlm(module: VessaModel, incompatible_keys) -> None:
+    restored = module.pretrained_frozen_vlm_keys()
+    if restored:
+        missing = incompatible_keys.missing_keys
+        missing[:] = [k for k in missing if not any(k == r or k.endswith("." + r) for r in restored)]
+
+
+def build_vessa_model(
+    class_names: Sequence[str],
+    modality: str = "MRI",
+    vlm_path: str | os.PathLike | None = None,
+    train_vlm: str = "frozen",
+    sam2_config: str = SAM2_DEFAULT_CONFIG,
+    sam2_ckpt: str | os.PathLike | None = None,
+    sam2_preset: str = "tiny_cpu",
+    image_size: int | None = None,
+    train_image_encoder: bool = True,
+    freeze_vision_tower: bool = True,
+    lora_rank: int = 8,
+    vlm_dtype: str | None = None,
+    vlm_max_image_pixels: int | None = None,
+    prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
+) -> VessaModel:
+    """Build VESSA from its bundle's top-level settings: SAM2 parts, the Qwen3-VL prompter and the model around them.
+
+    Args:
+        class_names: the foreground classes VESSA is prompted with (e.g. ``TemplateBank.foreground_classes()``).
+        modality: default modality named in the prompts.
+        vlm_path: local Qwen3-VL checkpoint directory (Hugging Face layout); empty builds the tiny random VLM.
+        train_vlm: ``"frozen"``, ``"lora"``, ``"full"`` or ``"off"`` (see :class:`Qwen3VLPrompter`).
+        sam2_config: SAM2 config inside the ``sam2`` package, e.g. ``configs/sam2.1/sam2.1_hiera_t.yaml``.
+        sam2_ckpt: SAM2 checkpoint in SAM2's format matching ``sam2_config`` and ``sam2_preset``; empty: random.
+        sam2_preset: ``"tiny_cpu"`` (tiny widths, for CPU runs and tests) or ``"full"`` (the published architecture,
+            what a real checkpoint needs).
+        image_size: side in pixels of the square slices (a multiple of 32); ``None`` keeps the preset's.
+        train_image_encoder: whether SAM2's image encoder trains (a random one must; a pretrained one is usually
+            frozen, as in LISA).
+        freeze_vision_tower, lora_rank: see :class:`Qwen3VLPrompter`.
+        vlm_dtype: dtype of the VLM's weights (``"bfloat16"`` on GPUs); empty keeps float32.
+        vlm_max_image_pixels: pixel budget of each image given to the VLM; empty keeps the image processor's.
+        prompt_template: the reference text with ``{modality}`` and ``{class}`` fields.
+
+    Raises:
+        ValueError: an image size the SAM2 encoder cannot take, a SAM2 checkpoint that does not match the model, an
+            unknown ``train_vlm`` or preset.
+        DataError: a ``vlm_path`` without the files of a Qwen3-VL checkpoint.
+    """
+    sam2 = Sam2Parts(
+        build_sam2_model(sam2_config, checkpoint=sam2_ckpt or None, image_size=image_size or None, preset=sam2_preset)
+    )
+    sam2.image_encoder.requires_grad_(bool(train_image_encoder))
+    prompter = Qwen3VLPrompter(
+        vlm_path=vlm_path or None,
+        train_vlm=train_vlm,
+        out_dim=sam2.prompt_embed_dim,
+        freeze_vision_tower=freeze_vision_tower,
+        lora_rank=lora_rank,
+        class_names=class_names,
+        max_image_pixels=vlm_max_image_pixels or None,
+        torch_dtype=vlm_dtype or None,
+    )
+    model = VessaModel(sam2, prompter, class_names, modality=modality, prompt_template=prompt_template)
+    return model.train()
+
+
+class VessaSegmenter(nn.Module):
+    """Whole-slice segmentation of one data set's classes with VESSA and a template bank: the network an evaluator or
+    a ``SliceInferer`` calls.
+
+    For each slice and class the bank's best exemplar (of the data set, showing the class) is matched, and
+    :meth:`VessaModel.segment_classes` turns slice + templates into ``[B, C+1, S, S]`` probabilities whose channels
+    follow the data set's label values (background first). A bank embedded with :meth:`VessaModel.embed_images`
+    (``VESSA_ENCODER_NAME``) matches with the model's current encoder.
+
+    Args:
+        model: the VESSA model (its ``class_names`` must include the data set's foreground classes).
+        bank: the template bank.
+        dataset: the data set whose classes are segmented; default the bank's first.
+
+    Raises:
+        ValueError: an unknown data set, or a class of it the model was not built for.
+    """
+
+    def __init__(self, model: VessaModel, bank: TemplateBank, dataset: str | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.bank = bank
+        self.dataset = bank.datasets()[0] if dataset is None else dataset
+        self.class_names = bank.classes(self.dataset)
+        missing = [c for c in self.class_names[1:] if c not in model.class_names]
+        if missing:
+            raise ValueError(
+                f"classes {missing} of data set '{self.dataset}' are not among the model's classes {model.class_names}"
+            )
+        self.class_indices = [model.class_names.index(c) for c in self.class_names[1:]]
+        self.modality = bank.modality(self.dataset)
+
+    def match_templates(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The best exemplar of each class for each slice: template images and masks ``[B, C, 1, S, S]``."""
+        embed_fn = self.model.embed_images if self.bank.encoder_name == VESSA_ENCODER_NAME else None
+        queries = images.detach().float().clamp(0.0, 1.0).cpu()
+        per_class = [
+            self.bank.match_batch(queries, name, k=1, dataset=self.dataset, embed_fn=embed_fn)
+            for name in self.class_names[1:]
+        ]
+        size = (self.model.image_size, self.model.image_size)
+        template_images = torch.stack([torch.stack([m[0].image for m in matches]) for matches in per_class], dim=1)
+        template_masks = torch.stack([torch.stack([m[0].mask for m in matches]) for matches in per_class], dim=1)
+        if template_images.shape[-2:] != size:
+            flat_images, flat_masks = template_images.flatten(0, 1), template_masks.flatten(0, 1)
+            template_images = F.interpolate(flat_images, size, mode="bilinear", align_corners=False).unflatten(
+                0, template_images.shape[:2]
+            )
+            template_masks = F.interpolate(flat_masks, size, mode="nearest").unflatten(0, template_masks.shape[:2])
+        return template_images.to(images.device), template_masks.to(images.device)
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        mask_prompts: torch.Tensor | None = None,
+        box_prompts: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``[B, 1, S, S]`` slices in [0, 1] -> ``[B, C+1, S, S]`` probabilities (see :meth:`VessaModel.segment_classes`
+        for the optional prompts)."""
+        template_images, template_masks = self.match_templates(images)
+        return self.model.segment_classes(
+            images, template_images, template_masks, mask_prompts, box_prompts, self.class_indices, self.modality
+        )

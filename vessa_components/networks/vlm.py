@@ -383,6 +383,8 @@ class Qwen3VLPrompter(nn.Module):
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.image_processor: Qwen2VLImageProcessor | None = None
         self.class_embedding: nn.Embedding | None = None
+        #: the checkpoint directory the VLM was loaded from; ``None`` for the tiny random VLM and for ``"off"``
+        self.vlm_path: str | None = str(vlm_path) if vlm_path and train_vlm != "off" else None
 
         if train_vlm == "off":
             if not self.class_names:

@@ -253,6 +253,11 @@ class TemplateBank:
             return list(self._class_names[self._check_dataset(dataset)])
         return list(dict.fromkeys(name for names in self._class_names.values() for name in names))
 
+    def foreground_classes(self) -> list[str]:
+        """The foreground classes of all data sets (each name once, in registration order), the classes a VESSA model
+        using this bank is prompted with (background, the first class of each data set, left out)."""
+        return list(dict.fromkeys(name for names in self._class_names.values() for name in names[1:]))
+
     def modality(self, dataset: str) -> str:
         """Imaging modality of ``dataset`` (e.g. ``"MRI"``), as the text prompt names it."""
         return self._modalities[self._check_dataset(dataset)]
@@ -415,6 +420,27 @@ class TemplateBank:
         """A bank of one data set's labelled slices (see :meth:`add_datalist`), embedded with ``embed_fn``."""
         bank = cls(image_size, embed_fn, encoder_name, position_weight, phase_weight)
         bank.add_datalist(entries, dataset, modality, class_names, frame_phases=frame_phases, progress=progress)
+        bank.embed()
+        return bank
+
+    @classmethod
+    def from_datasets(
+        cls,
+        datasets: Sequence[Mapping[str, Any]],
+        image_size: int = 128,
+        embed_fn: EmbedFn | None = None,
+        encoder_name: str | None = None,
+        position_weight: float = 0.0,
+        phase_weight: float = 0.0,
+        progress: bool = False,
+    ) -> TemplateBank:
+        """A bank of the labelled slices of several data sets, as :func:`vessa_components.data.resolve_datasets`
+        returns them (``name``, ``modality``, ``class_names``, ``labeled`` each), embedded with ``embed_fn``."""
+        bank = cls(image_size, embed_fn, encoder_name, position_weight, phase_weight)
+        for dataset in datasets:
+            bank.add_datalist(
+                dataset["labeled"], dataset["name"], dataset["modality"], dataset["class_names"], progress=progress
+            )
         bank.embed()
         return bank
 

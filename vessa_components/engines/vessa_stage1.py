@@ -1,0 +1,221 @@
+"""VESSA's Stage-1 training as a MONAI trainer: every labelled slice is paired with templates and the mask of each of
+its data set's classes is learned "like the template".
+
+Per iteration, for a batch of labelled slices ``(x, y)`` that may come from several data sets:
+
+1. for each slice and each foreground class of its data set, the template bank's best exemplar of that class from
+   **another patient of the same data set** is matched (``TemplateBank.match_batch(..., exclude_patient=...)``);
+2. VESSA predicts the class's mask from (slice, template image, template mask, reference text), all classes of all
+   slices in one batch;
+3. ``loss = w_bce * BCE + w_dice * Dice`` over the class masks ``(y == class)`` ``+ w_ce * LM CE`` on the answer
+   tokens when the VLM is trained (:class:`vessa_components.losses.VessaMaskLoss`).
+
+A class absent from a slice is still asked for: its target is empty, so VESSA learns to answer "nothing here", which
+Stage 2's pseudo-labels need.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from monai.engines.trainer import Trainer
+from monai.engines.utils import IterationEvents, default_metric_cmp_fn, default_prepare_batch
+from monai.transforms import Transform
+from monai.utils import IgniteInfo, min_version, optional_import
+from monai.utils.enums import CommonKeys as Keys
+from torch.optim.optimizer import Optimizer
+from torch.utils.data import DataLoader
+
+from ..losses.vessa import VessaMaskLoss
+from ..networks.vessa import VessaModel
+from ..templates.bank import TemplateBank
+
+if TYPE_CHECKING:
+    from ignite.engine import Engine, EventEnum
+    from ignite.metrics import Metric
+else:
+    Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
+    Metric, _ = optional_import("ignite.metrics", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Metric")
+    EventEnum, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "EventEnum")
+
+__all__ = ["VessaStage1Trainer"]
+
+
+def _unwrap(network: torch.nn.Module) -> torch.nn.Module:
+    return network.module if isinstance(network, torch.nn.parallel.DistributedDataParallel) else network
+
+
+class VessaStage1Trainer(Trainer):
+    """Stage-1 training of :class:`vessa_components.networks.VessaModel`, with the arguments and events of MONAI's
+    ``SupervisedTrainer``.
+
+    Args:
+        device: device of the network.
+        max_epochs: number of epochs; with ``epoch_length`` it sets the iteration budget.
+        train_data_loader: loader of labelled slices ``{"image": [B, 1, S, S] in [0, 1], "label": [B, 1, S, S]
+            label values, "patient": [B] ids, "dataset": [B] names}`` (``dataset`` may be left out when the bank
+            holds one data set).
+        network: the VESSA model (or a ``DistributedDataParallel`` around it).
+        optimizer: optimizer of the trained parameters.
+        template_bank: the labelled exemplars templates are drawn from (all the training data sets' labelled slices).
+        loss_function: ``(logits, targets, lm_loss) -> {"loss", "loss_bce", "loss_dice", "loss_ce"}``; default
+            :class:`vessa_components.losses.VessaMaskLoss` (2.0 / 0.5 / 1.0).
+        epoch_length: iterations per epoch (default: length of the loader).
+        other arguments: as in ``monai.engines.SupervisedTrainer``.
+
+    ``engine.state.output`` holds ``loss``, ``loss_bce``, ``loss_dice``, ``loss_ce``, the slices (``image``), the class
+    masks (``label``, ``[N, 1, S, S]``, one per slice and class) and their logits (``pred``).
+
+    Raises (during the run):
+        ValueError: a slice of a data set the bank does not hold, a class with no exemplar from another patient, a
+            class the model was not built for, or slices whose size is not the model's ``image_size``.
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        max_epochs: int,
+        train_data_loader: Iterable | DataLoader,
+        network: torch.nn.Module,
+        optimizer: Optimizer,
+        template_bank: TemplateBank,
+        loss_function: Callable[..., dict[str, torch.Tensor]] | None = None,
+        epoch_length: int | None = None,
+        non_blocking: bool = False,
+        prepare_batch: Callable = default_prepare_batch,
+        iteration_update: Callable[[Engine, Any], Any] | None = None,
+        postprocessing: Transform | None = None,
+        key_train_metric: dict[str, Metric] | None = None,
+        additional_metrics: dict[str, Metric] | None = None,
+        metric_cmp_fn: Callable = default_metric_cmp_fn,
+        train_handlers: Sequence | None = None,
+        amp: bool = False,
+        event_names: list[str | EventEnum | type[EventEnum]] | None = None,
+        event_to_attr: dict | None = None,
+        decollate: bool = False,
+        optim_set_to_none: bool = False,
+        to_kwargs: dict | None = None,
+        amp_kwargs: dict | None = None,
+    ) -> None:
+        super().__init__(
+            device=device,
+            max_epochs=max_epochs,
+            data_loader=train_data_loader,
+            epoch_length=epoch_length,
+            non_blocking=non_blocking,
+            prepare_batch=prepare_batch,
+            iteration_update=iteration_update,
+            postprocessing=postprocessing,
+            key_metric=key_train_metric,
+            additional_metrics=additional_metrics,
+            metric_cmp_fn=metric_cmp_fn,
+            handlers=train_handlers,
+            amp=amp,
+            event_names=event_names,
+            event_to_attr=event_to_attr,
+            decollate=decollate,
+            to_kwargs=to_kwargs,
+            amp_kwargs=amp_kwargs,
+        )
+        model = _unwrap(network)
+        if not isinstance(model, VessaModel):
+            raise TypeError(f"VessaStage1Trainer trains a VessaModel, got {type(model).__name__}")
+        self.network = network
+        self.model = model
+        self.optimizer = optimizer
+        self.template_bank = template_bank
+        self.loss_function = VessaMaskLoss() if loss_function is None else loss_function
+        self.optim_set_to_none = optim_set_to_none
+
+    def make_pairs(
+        self, images: torch.Tensor, labels: torch.Tensor, patients: Sequence[str], datasets: Sequence[str] | None
+    ) -> dict[str, Any]:
+        """Pair each slice with one template per foreground class of its data set, from another patient.
+
+        Args:
+            images: ``[B, 1, S, S]`` slices in [0, 1].
+            labels: ``[B, 1, S, S]`` label maps (values index the data set's class names).
+            patients: the patient of each slice (its exemplars are excluded from its matches).
+            datasets: the data set of each slice; ``None`` when the bank holds exactly one.
+
+        Returns:
+            one VESSA sample per (slice, class): ``images``, ``template_images``, ``template_masks``, ``targets``
+            (``[N, 1, S, S]`` each), ``class_indices`` (``[N]``, into the model's ``class_names``), ``modalities``.
+        """
+        bank, model = self.template_bank, self.model
+        if datasets is None:
+            if len(bank.datasets()) != 1:
+                raise ValueError(f"batches need a 'dataset' key: the template bank holds {bank.datasets()}")
+            datasets = bank.datasets() * len(images)
+        rows, class_names, query_datasets, query_patients, values = [], [], [], [], []
+        for row, (patient, dataset) in enumerate(zip(patients, datasets)):
+            for value, name in enumerate(bank.classes(dataset)[1:], start=1):
+                rows.append(row)
+                class_names.append(name)
+                query_datasets.append(dataset)
+                query_patients.append(patient)
+                values.append(value)
+        unknown = sorted(set(class_names) - set(model.class_names))
+        if unknown:
+            raise ValueError(f"classes {unknown} of the training data are not among the model's {model.class_names}")
+        index = torch.tensor(rows, device=images.device)
+        queries = images.detach().float().cpu()[index.cpu()]
+        matches = bank.match_batch(
+            queries, class_names, k=1, exclude_patient=query_patients, dataset=query_datasets
+        )
+        size = (model.image_size, model.image_size)
+        template_images = torch.stack([m[0].image for m in matches])
+        template_masks = torch.stack([m[0].mask for m in matches])
+        if template_images.shape[-2:] != size:
+            template_images = F.interpolate(template_images, size, mode="bilinear", align_corners=False)
+            template_masks = F.interpolate(template_masks, size, mode="nearest")
+        targets = (labels[index] == torch.tensor(values, device=labels.device).view(-1, 1, 1, 1)).float()
+        return dict(
+            images=images[index],
+            template_images=template_images.to(images.device),
+            template_masks=template_masks.to(images.device),
+            targets=targets,
+            class_indices=torch.tensor([model.class_names.index(c) for c in class_names], device=images.device),
+            modalities=[bank.modality(d) for d in query_datasets],
+        )
+
+    def _iteration(self, engine: VessaStage1Trainer, batchdata: dict[str, Any]) -> dict:
+        if batchdata is None:
+            raise ValueError("Must provide batch data for current iteration.")
+        batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
+        images, labels = batch[:2]
+        if "patient" not in batchdata:
+            raise KeyError("labelled batches need a 'patient' key: templates are drawn from other patients")
+        pairs = engine.make_pairs(images, labels, list(batchdata["patient"]), batchdata.get("dataset"))
+        engine.state.output = {Keys.IMAGE: images, Keys.LABEL: pairs["targets"]}
+
+        def _compute_pred_loss() -> None:
+            out = engine.network(
+                pairs["images"], pairs["template_images"], pairs["template_masks"], pairs["class_indices"],
+                modalities=pairs["modalities"],
+            )
+            engine.state.output[Keys.PRED] = out["logits"]
+            engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+            losses = engine.loss_function(out["logits"], pairs["targets"], out["lm_loss"])
+            engine.state.output.update({Keys.LOSS: losses["loss"], **{k: v for k, v in losses.items() if k != "loss"}})
+            engine.fire_event(IterationEvents.LOSS_COMPLETED)
+
+        engine.network.train()
+        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        if engine.amp and engine.scaler is not None:
+            with torch.autocast("cuda", **engine.amp_kwargs):
+                _compute_pred_loss()
+            engine.scaler.scale(engine.state.output[Keys.LOSS]).backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            engine.scaler.step(engine.optimizer)
+            engine.scaler.update()
+        else:
+            _compute_pred_loss()
+            engine.state.output[Keys.LOSS].backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            engine.optimizer.step()
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output

@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
-from . import data, engines, handlers, metrics, networks, reporting, transforms, utils
+from . import bundle, data, engines, handlers, metrics, networks, reporting, transforms, utils
 
-__all__ = ["data", "engines", "handlers", "metrics", "networks", "reporting", "transforms", "utils"]
+__all__ = ["bundle", "data", "engines", "handlers", "metrics", "networks", "reporting", "transforms", "utils"]

@@ -1,0 +1,197 @@
+"""Model Zoo form of every bundle in bundles/: the checks the Model Zoo's CI runs, the release zip, and clear errors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from monai.bundle import ConfigParser
+
+from vessa_components.bundle import BundleCheckError, check_metadata_schema, export_model_zoo
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BUNDLES = sorted(p.parents[1].name for p in (REPO_ROOT / "bundles").glob("*/configs/metadata.json"))
+# bundles whose network_def cannot be scripted (their docs/README.md says so); every other bundle must export
+NOT_SCRIPTABLE: set[str] = set()
+
+
+def _stage_bundle(name: str, dst: Path) -> Path:
+    """A copy of the bundle's shipped files in ``dst/<name>`` with ``models/model.pt`` = the state_dict of its
+    ``network_def`` (random weights: the checks are about form, not accuracy)."""
+    src, bundle = REPO_ROOT / "bundles" / name, dst / name
+    for sub in ("configs", "docs"):
+        shutil.copytree(src / sub, bundle / sub)
+    if (src / "LICENSE").is_file():
+        shutil.copy(src / "LICENSE", bundle / "LICENSE")
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "inference.json"))
+    parser["bundle_root"] = str(bundle)
+    torch.manual_seed(0)
+    network = parser.get_parsed_content("network_def")
+    (bundle / "models").mkdir()
+    torch.save(network.state_dict(), bundle / "models" / "model.pt")
+    return bundle
+
+
+def _edit_metadata(bundle: Path, **changes) -> None:
+    path = bundle / "configs" / "metadata.json"
+    meta = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is None:
+            meta.pop(key)
+        else:
+            meta[key] = value
+    path.write_text(json.dumps(meta, indent=4))
+
+
+@pytest.mark.parametrize("name", BUNDLES)
+def test_repository_metadata_follows_schema(name):
+    check_metadata_schema(REPO_ROOT / "bundles" / name / "configs" / "metadata.json")
+
+
+@pytest.mark.parametrize("name", BUNDLES)
+def test_model_zoo_checks_and_release_zip(tmp_path, name):
+    bundle = _stage_bundle(name, tmp_path / "src")
+    scriptable = name not in NOT_SCRIPTABLE
+    result = export_model_zoo(bundle, output_dir=tmp_path / "dist", torchscript=scriptable)
+
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    assert result.version == meta["version"] and result.changes == meta["changelog"][meta["version"]]
+    assert result.zip_path == tmp_path / "dist" / f"{name}_v{meta['version']}.zip"
+    expected = {f"configs/{p.name}" for p in (bundle / "configs").iterdir()}
+    expected |= {f"docs/{p.name}" for p in (bundle / "docs").iterdir()}
+    expected |= {"LICENSE", "models/model.pt"} | ({"models/model.ts"} if scriptable else set())
+    with zipfile.ZipFile(result.zip_path) as archive:
+        assert set(archive.namelist()) == {f"{name}/{rel}" for rel in expected}  # the bundle folder at the zip's root
+        assert meta["changelog"][meta["version"]] in archive.comment.decode()
+        assert json.loads(archive.read(f"{name}/configs/metadata.json")) == meta
+        archive.extractall(tmp_path / "unzipped")
+    assert not list((tmp_path / "dist").glob(".*")), "the staging folder is removed"
+
+    shipped = tmp_path / "unzipped" / name
+    assert (shipped / "models" / "model.pt").read_bytes() == (bundle / "models" / "model.pt").read_bytes()
+    if scriptable:
+        parser = ConfigParser()
+        parser.read_config(str(shipped / "configs" / "inference.json"))
+        parser["bundle_root"] = str(shipped)
+        network = parser.get_parsed_content("network_def").eval()
+        network.load_state_dict(torch.load(shipped / "models" / "model.pt", weights_only=True))
+        spec = meta["network_data_format"]["inputs"]["image"]
+        x = torch.rand(1, spec["num_channels"], *[s if isinstance(s, int) else 16 for s in spec["spatial_shape"]])
+        with torch.no_grad():
+            torch.testing.assert_close(torch.jit.load(str(shipped / "models" / "model.ts"))(x), network(x))
+        assert result.checks[-1] == "torchscript export and load"
+
+
+def _break_license(bundle):
+    (bundle / "LICENSE").unlink()
+
+
+def _break_readme(bundle):
+    (bundle / "docs" / "README.md").unlink()
+
+
+def _break_version(bundle):
+    _edit_metadata(bundle, version="9.9.9")
+
+
+def _break_required_key(bundle):
+    _edit_metadata(bundle, task=None)
+
+
+def _break_tensor_spec(bundle):
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    meta["network_data_format"]["inputs"]["image"]["num_channels"] = "one"
+    _edit_metadata(bundle, network_data_format=meta["network_data_format"])
+
+
+def _break_json(bundle):
+    path = bundle / "configs" / "metadata.json"
+    path.write_text(path.read_text()[:-20])
+
+
+def _break_schema_url(bundle):
+    _edit_metadata(bundle, schema="https://example.org/meta_schema_unknown.json")
+
+
+def _break_output_channels(bundle):
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    meta["network_data_format"]["outputs"]["pred"]["num_channels"] = 3
+    _edit_metadata(bundle, network_data_format=meta["network_data_format"])
+
+
+def _break_weights(bundle):
+    (bundle / "models" / "model.pt").unlink()
+
+
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        (_break_license, r"necessary file\(s\) missing: \['LICENSE'\]"),
+        (_break_readme, r"necessary file\(s\) missing: \['docs/README.md'\]"),
+        (_break_version, r"version '9.9.9' is not in 'changelog'"),
+        (_break_required_key, r"metadata.json: does not follow meta_schema_20240725.json: 'task' is a required property"),
+        (_break_tensor_spec, r"does not follow meta_schema_20240725.json: 'one' is not of type 'integer'"),
+        (_break_json, r"metadata.json: not valid JSON"),
+        (_break_schema_url, r"no shipped schema for 'https://example.org/meta_schema_unknown.json'"),
+        (_break_output_channels, r"'network_def' of configs/inference.json does not match network_data_format.*output channel number `4`"),
+        (_break_weights, r"weights .*models/model.pt not found"),
+    ],
+)
+def test_model_zoo_failures_name_the_problem(tmp_path, breakage, message):
+    bundle = _stage_bundle("vessa_ssl_acdc", tmp_path / "src")
+    breakage(bundle)
+    with pytest.raises(BundleCheckError, match=message):
+        export_model_zoo(bundle, output_dir=tmp_path / "dist")
+    assert not list((tmp_path / "dist").glob("*.zip")), "no release is written when a check fails"
+
+
+def test_without_torchscript_the_readme_must_say_so(tmp_path):
+    bundle = _stage_bundle("vessa_ssl_acdc", tmp_path / "src")
+    (bundle / "docs" / "README.md").write_text("# a bundle\n\nNo word about export formats.\n")
+    with pytest.raises(BundleCheckError, match="docs/README.md does not say"):
+        export_model_zoo(bundle, output_dir=tmp_path / "dist", torchscript=False)
+
+
+def test_large_weights_go_to_large_files_yml(tmp_path):
+    bundle = _stage_bundle("vessa_ssl_acdc", tmp_path / "src")
+    size_mb = (bundle / "models" / "model.pt").stat().st_size / 2**20
+    limit = size_mb / 2  # the weights (and their TorchScript copy) are over it, the configs far below
+    with pytest.raises(BundleCheckError, match="exceed max_file_mb.*pass large_files_url"):
+        export_model_zoo(bundle, output_dir=tmp_path / "dist", max_file_mb=limit)
+
+    url = "https://example.org/releases/vessa_ssl_acdc"
+    result = export_model_zoo(bundle, output_dir=tmp_path / "dist", max_file_mb=limit, large_files_url=url)
+    assert result.large_files == ["models/model.pt", "models/model.ts"]
+    with zipfile.ZipFile(result.zip_path) as archive:
+        names = set(archive.namelist())
+        listed = yaml.safe_load(archive.read("vessa_ssl_acdc/large_files.yml"))["large_files"]
+    assert "vessa_ssl_acdc/models/model.pt" not in names and "vessa_ssl_acdc/large_files.yml" in names
+    upload_dir = tmp_path / "dist" / f"vessa_ssl_acdc_v{result.version}_large_files"
+    for entry in listed:
+        uploaded = upload_dir / entry["path"]
+        assert entry["url"] == f"{url}/{entry['path']}" and entry["hash_type"] == "sha256"
+        assert entry["hash_val"] == hashlib.sha256(uploaded.read_bytes()).hexdigest()
+    assert (upload_dir / "models" / "model.pt").read_bytes() == (bundle / "models" / "model.pt").read_bytes()
+
+
+@pytest.mark.slow
+def test_export_tool_command_line(tmp_path):
+    bundle = _stage_bundle("vessa_ssl_acdc", tmp_path / "src")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ok = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "tools" / "export_model_zoo.py"), str(bundle), "--output_dir", str(tmp_path / "dist")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert "passed: necessary files, version in changelog, metadata schema" in ok.stdout
+    assert list((tmp_path / "dist").glob("vessa_ssl_acdc_v*.zip"))

@@ -1,6 +1,29 @@
 from .checkpoint import TrainingCheckpoint
 from .ema import EMATeacher
 from .vessa_saver import VessaSaver
+from .tracking import (
+    MLFlowTracker,
+    executed_config,
+    hyperparameters,
+    local_tracking_uri,
+    new_run_name,
+    resolve_tracking_uri,
+    scalar_outputs,
+    tracking_server_error,
+)
 from .volume_metrics import VolumeMetricsWriter
 
-__all__ = ["EMATeacher", "TrainingCheckpoint", "VessaSaver", "VolumeMetricsWriter"]
+__all__ = [
+    "EMATeacher",
+    "MLFlowTracker",
+    "TrainingCheckpoint",
+    "VessaSaver",
+    "VolumeMetricsWriter",
+    "executed_config",
+    "hyperparameters",
+    "local_tracking_uri",
+    "new_run_name",
+    "resolve_tracking_uri",
+    "scalar_outputs",
+    "tracking_server_error",
+]

@@ -40,6 +40,8 @@ class VessaSaver:
         output_dir: folder of ``models/model.pt`` and ``template_bank/``.
         reembed: whether the bank's encoder changes with training.
         reembed_interval: iterations between re-embeddings when ``reembed``; 0 only re-embeds before saving.
+        write_files: whether this process writes the files (only rank 0 does in distributed runs; every rank still
+            re-embeds its copy of the bank, so all ranks match templates alike).
     """
 
     def __init__(
@@ -49,12 +51,14 @@ class VessaSaver:
         output_dir: str | os.PathLike,
         reembed: bool = False,
         reembed_interval: int = 0,
+        write_files: bool = True,
     ) -> None:
         self.network = network.module if isinstance(network, torch.nn.parallel.DistributedDataParallel) else network
         self.bank = bank
         self.output_dir = Path(output_dir)
         self.reembed = bool(reembed)
         self.reembed_interval = int(reembed_interval)
+        self.write_files = bool(write_files)
 
     @property
     def model_path(self) -> Path:
@@ -76,6 +80,8 @@ class VessaSaver:
         """Write the weights and the bank (re-embedded first when its encoder trains); returns ``output_dir``."""
         if self.reembed:
             self.bank.embed()
+        if not self.write_files:
+            return self.output_dir
         with atomic_path(self.model_path) as tmp:
             torch.save(self.network.state_dict(), tmp)
         self.bank.save(self.bank_dir)

@@ -77,7 +77,8 @@ def mlflow_server(mlflow_server_process) -> str:
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            pytest.fail(f"mlflow server exited ({process.returncode}): {mlflow_server_process['log'].read_text()[-2000:]}")
+            log = mlflow_server_process["log"].read_text()[-2000:]
+            pytest.fail(f"mlflow server exited ({process.returncode}): {log}")
         try:
             with urllib.request.urlopen(uri + "/health", timeout=2) as answer:
                 if answer.status == 200:
@@ -158,7 +159,7 @@ def test_scalar_outputs_and_hyperparameters():
 
 
 def test_default_store_is_local(tmp_path):
-    """Without --tracking_uri the bundle's settings name <output_dir>/mlruns.db (artifacts under <output_dir>/mlruns)."""
+    """Without --tracking_uri the settings name <output_dir>/mlruns.db (artifacts go to <output_dir>/mlruns)."""
     workflow = ConfigWorkflow(
         config_file=str(CONFIGS / "train.json"), workflow_type="train", bundle_root=str(BUNDLE),
         output_dir=str(tmp_path), tracking=str(SETTINGS),

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from vessa_components.reporting import plot_dice_curves
 from vessa_components.reporting.benchmark import format_results, measure_overhead, run_method, summarize_runs
-from vessa_components.utils import write_json, write_text
+from vessa_components.utils import show_progress, write_json, write_text
 
 
 def _as_list(value) -> list[str]:
@@ -50,7 +50,7 @@ def main(
     }
     runs: dict[str, list[dict]] = {}
     jobs = [(m, int(s)) for m in _as_list(methods) for s in _as_list(seeds)]
-    for method, seed in tqdm(jobs, desc="training runs"):
+    for method, seed in tqdm(jobs, desc="training runs", disable=not show_progress()):
         result = run_method(out / f"{method}_seed{seed}", threads=threads, method=method, seed=seed, **common)
         runs.setdefault(method, []).append({"seed": seed, **result})
         write_json(out / "results.json", {"settings": common, "runs": runs})  # partial results survive a crash

@@ -16,6 +16,7 @@ from monai.data import load_decathlon_datalist
 
 from vessa_components.data import DataError
 from vessa_components.templates import TemplateBank
+from vessa_components.utils import show_progress
 
 
 def main(
@@ -57,7 +58,7 @@ def main(
         image_size=image_size,
         position_weight=position_weight,
         phase_weight=phase_weight,
-        progress=True,
+        progress=show_progress(),  # a bar in a terminal, nothing in a log file
     )
     bank.save(out)
     patients = sorted({e.patient for e in bank.exemplars})

@@ -42,6 +42,7 @@ from nibabel.filebasedimages import ImageFileError
 from ..transforms.ct import RemapLabels
 from ..transforms.label import CheckLabelRange
 from ..utils.io import atomic_path, write_json, write_text
+from ..utils.progress import progress_bar
 from .datalist import case_of, make_slice_datalist, read_list_file
 from .errors import DataError
 
@@ -328,6 +329,7 @@ def convert_abdomenct_to_slices(
     image_suffix: str = ABDOMENCT_IMAGE_SUFFIX,
     label_suffix: str = ABDOMENCT_LABEL_SUFFIX,
     axial_parts: int = 1,
+    progress: bool | None = None,
 ) -> dict[str, Any]:
     """Convert an AbdomenCT-1K style release to the SSL4MIS slice layout (see the module docstring).
 
@@ -356,6 +358,7 @@ def convert_abdomenct_to_slices(
         axial_parts: cut every case into this many contiguous axial slabs ``<case>_part<k>`` (``k`` from 0,
             inferior to superior), which the splits (and ``val_cases`` / ``test_cases``) treat as separate cases.
             1 (the default) keeps whole cases.
+        progress: show progress bars over the cases (``None``: when stderr is a terminal).
 
     Returns:
         ``{"train": [case ids], "validation": [...], "test": [...], "num_train_slices": n}``.
@@ -389,7 +392,7 @@ def convert_abdomenct_to_slices(
 
     # first pass: validate everything (volumes are read again below, rather than held in memory, since a full
     # release does not fit)
-    for pair in pairs:
+    for pair in progress_bar(pairs, progress, desc="checking CT cases", unit="case"):
         checked = load_abdomenct_case(pair["image"], pair["label"], mapping)
         if checked["image"].shape[2] < axial_parts:
             raise DataError(
@@ -397,7 +400,7 @@ def convert_abdomenct_to_slices(
             )
 
     slice_names = []
-    for pair in pairs:
+    for pair in progress_bar(pairs, progress, desc="converting CT cases", unit="case"):
         case = load_abdomenct_case(pair["image"], pair["label"], mapping)
         image = convert_to_numpy(window(case["image"]), dtype=np.float32)
         source = Path(pair["image"]).name

@@ -35,6 +35,7 @@ import numpy as np
 from vessa_components.data.acdc import SSL4MIS_TEST_PATIENTS, SSL4MIS_VAL_PATIENTS
 from vessa_components.data.errors import DataError
 from vessa_components.utils.io import atomic_path, write_text
+from vessa_components.utils.progress import progress_bar
 
 __all__ = [
     "ACDC_RAW_SUBSETS",
@@ -312,6 +313,7 @@ def convert_acdc_raw_to_ssl4mis(
     val_fraction: float | None = None,
     seed: int = 0,
     overwrite: bool = False,
+    progress: bool | None = None,
 ) -> dict[str, Any]:
     """Convert a raw ACDC folder to the SSL4MIS processed layout under ``out_root``.
 
@@ -326,6 +328,7 @@ def convert_acdc_raw_to_ssl4mis(
         out_root: where the SSL4MIS layout is written; it must be absent or empty unless ``overwrite``.
         val_patients, test_patients, val_fraction, seed: the split, see :func:`split_patients`.
         overwrite: allow writing into a non-empty ``out_root`` (files of the same name are replaced).
+        progress: show progress bars over the frames (``None``: when stderr is a terminal).
 
     Returns:
         ``{"train": [...], "val": [...], "test": [...], "unused": [...]}`` patient ids, plus ``"train_slices"`` and
@@ -350,11 +353,11 @@ def convert_acdc_raw_to_ssl4mis(
         )
     ]
     # Reading everything twice (check, then write) keeps memory at one volume, whatever the data set size.
-    for _, _, image_path, label_path in frames:
+    for _, _, image_path, label_path in progress_bar(frames, progress, desc="checking ACDC frames", unit="frame"):
         load_raw_frame(image_path, label_path)
 
     lists: dict[str, list[str]] = {"train_slices.list": [], "val.list": [], "test.list": []}
-    for patient, name, image_path, label_path in frames:
+    for patient, name, image_path, label_path in progress_bar(frames, progress, desc="converting ACDC", unit="frame"):
         image, label, spacing = load_raw_frame(image_path, label_path)
         if patient in split["train"]:
             for k in range(image.shape[0]):

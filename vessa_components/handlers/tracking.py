@@ -162,11 +162,10 @@ def executed_config(output_dir: str | os.PathLike) -> str | None:
 def _is_hyperparameter(key: str, value: Any) -> bool:
     if key.startswith("_") or key in ("imports", "save_execute_config"):
         return False
+    if isinstance(value, (list, tuple)):
+        return bool(value) and all(_is_hyperparameter(key, v) and not isinstance(v, (list, tuple)) for v in value)
     if isinstance(value, str):
         return not value.startswith(("$", "@", "%"))  # expressions and references are derived, not set
-    if isinstance(value, (list, tuple)):
-        return bool(value) and all(isinstance(v, (int, float, bool)) or (isinstance(v, str) and not v.startswith(("$", "@", "%")))
-                   for v in value)
     return isinstance(value, (int, float, bool)) or value is None
 
 

@@ -18,6 +18,7 @@ from nibabel.filebasedimages import ImageFileError
 from vessa_components.data.acdc import ACDC_CLASS_NAMES
 from vessa_components.data.errors import DataError
 from vessa_components.metrics.volume import VolumeResult, check_label_map, compute_volume_metrics
+from vessa_components.utils.progress import progress_bar
 
 __all__ = ["NIFTI_SUFFIXES", "find_nifti_files", "match_prediction_label_files", "load_label_map", "evaluate_folders"]
 
@@ -95,6 +96,7 @@ def evaluate_folders(
     pred_dir: str | os.PathLike,
     label_dir: str | os.PathLike,
     class_names: Sequence[str] = ACDC_CLASS_NAMES,
+    progress: bool | None = None,
 ) -> dict[str, VolumeResult]:
     """Score every prediction in ``pred_dir`` against the label of the same file name in ``label_dir``.
 
@@ -106,6 +108,7 @@ def evaluate_folders(
         pred_dir: folder of predicted label maps (``*.nii.gz`` / ``*.nii``).
         label_dir: folder of reference label maps with the same file names.
         class_names: names of the label values ``0..C`` (index 0 is the background).
+        progress: show a progress bar over the volumes (``None``: when stderr is a terminal).
 
     Returns:
         volume name -> per-class metrics, in file-name order.
@@ -119,7 +122,8 @@ def evaluate_folders(
         raise ValueError(f"class_names must name the background and at least one class, got {list(class_names)}.")
     num_classes = len(class_names) - 1
     results: dict[str, VolumeResult] = {}
-    for name, pred_path, label_path in match_prediction_label_files(pred_dir, label_dir):
+    pairs = match_prediction_label_files(pred_dir, label_dir)
+    for name, pred_path, label_path in progress_bar(pairs, progress, desc="scoring volumes", unit="volume"):
         label, spacing = load_label_map(label_path, num_classes)
         pred, pred_spacing = load_label_map(pred_path, num_classes)
         if pred.shape != label.shape:

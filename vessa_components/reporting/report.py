@@ -319,7 +319,9 @@ def _read_metrics(path: Path) -> dict[str, Any] | None:
         report = json.loads(path.read_text())
         report["summary"]
     except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: not a metrics report written by VolumeMetricsWriter or tools/evaluate.py ({e})") from e
+        raise ValueError(
+            f"{path}: not a metrics report written by VolumeMetricsWriter or tools/evaluate.py ({e})"
+        ) from e
     return report
 
 

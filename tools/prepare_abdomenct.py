@@ -7,6 +7,9 @@ Examples::
         --out_dir data/abdomenct --val_fraction 0.2 --test_fraction 0.2
     python tools/prepare_abdomenct.py --image_dir CT_DIR --out_dir OUT --label_map totalsegmentator \
         --val_cases Case_00001,Case_00002 --hu_window=-160,240
+    # one CT named <case>_ct_sm.nii.gz / <case>_seg.nii.gz, cut into 5 axial parts that act as cases
+    python tools/prepare_abdomenct.py --image_dir ../shared/data/abdomen_ct_example --out_dir OUT \
+        --image_suffix _ct_sm.nii.gz --label_suffix _seg.nii.gz --label_map totalsegmentator --axial_parts 5
 """
 
 from __future__ import annotations
@@ -15,7 +18,12 @@ from collections.abc import Sequence
 
 import fire
 
-from vessa_components.data.abdomenct import ABDOMENCT_HU_WINDOW, convert_abdomenct_to_slices
+from vessa_components.data.abdomenct import (
+    ABDOMENCT_HU_WINDOW,
+    ABDOMENCT_IMAGE_SUFFIX,
+    ABDOMENCT_LABEL_SUFFIX,
+    convert_abdomenct_to_slices,
+)
 
 
 def _case_list(value: str | Sequence[str] | None) -> list[str] | None:
@@ -40,6 +48,9 @@ def main(
     test_cases: str | Sequence[str] | None = None,
     test_fraction: float = 0.0,
     seed: int = 0,
+    image_suffix: str = ABDOMENCT_IMAGE_SUFFIX,
+    label_suffix: str = ABDOMENCT_LABEL_SUFFIX,
+    axial_parts: int = 1,
 ) -> None:
     """Convert the release at ``image_dir`` (masks in ``label_dir``, default the same folder) into ``out_dir``.
 
@@ -47,8 +58,9 @@ def main(
         image_dir: folder of ``<case>_0000.nii.gz`` CT volumes.
         out_dir: output root (``data/``, ``train_slices.list``, ``val.list``, ``test.list``).
         label_dir: folder of ``<case>.nii.gz`` masks.
-        label_map: ``totalsegmentator`` for masks in TotalSegmentator v2 ids, or a ``{source_id: target_id}``
-            dict such as ``"{5: 1, 7: 4}"`` (unmapped ids become background); omit for AbdomenCT-1K ids.
+        label_map: ``totalsegmentator`` for masks in TotalSegmentator v2 ids, or a ``{source_id: target}`` dict
+            with AbdomenCT-1K ids or class names such as ``"{5: 1, 7: 'pancreas'}"`` (unmapped ids become
+            background); omit for AbdomenCT-1K ids.
         hu_window: Hounsfield window mapped to [0, 1], e.g. ``--hu_window=-160,240``.
         cases: comma-separated case ids to convert (default: all).
         keep_empty_slices: also write training slices without foreground.
@@ -57,6 +69,10 @@ def main(
         test_cases: comma-separated test case ids (overrides ``test_fraction``).
         test_fraction: share of cases drawn for testing.
         seed: seed of the random splits.
+        image_suffix: how image file names end (default ``_0000.nii.gz``).
+        label_suffix: how mask file names end (default ``.nii.gz``).
+        axial_parts: cut every case into this many contiguous axial parts ``<case>_part<k>`` that the splits
+            treat as cases (for sets of one or two cases).
     """
     summary = convert_abdomenct_to_slices(
         image_dir,
@@ -71,6 +87,9 @@ def main(
         test_cases=_case_list(test_cases),
         test_fraction=test_fraction,
         seed=seed,
+        image_suffix=image_suffix,
+        label_suffix=label_suffix,
+        axial_parts=axial_parts,
     )
     print(
         f"{out_dir}: {summary['num_train_slices']} training slices from {len(summary['train'])} cases, "

@@ -22,7 +22,7 @@ from .abdomenct import (
     resolve_label_map,
 )
 from .acdc_raw import AcdcCase, convert_acdc_raw_to_ssl4mis, list_raw_cases, load_raw_frame, read_info_cfg, split_patients
-from .datalist import case_of, make_slice_datalist, read_list_file, volume_datalist, write_datalist
+from .datalist import case_of, image_datalist, make_slice_datalist, read_list_file, volume_datalist, write_datalist
 from .demo import SYNTHETIC_MARKER, make_demo_acdc
 from .demo_abdomenct import make_demo_abdomenct
 from .errors import DataError
@@ -58,6 +58,7 @@ __all__ = [
     "SSL4MIS_VAL_PATIENTS",
     "patient_of",
     "case_of",
+    "image_datalist",
     "make_slice_datalist",
     "read_list_file",
     "volume_datalist",

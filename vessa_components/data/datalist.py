@@ -18,7 +18,7 @@ from ..utils.io import write_json
 from .errors import DataError
 from .splits import select_labeled_patients
 
-__all__ = ["case_of", "read_list_file", "make_slice_datalist", "write_datalist", "volume_datalist"]
+__all__ = ["case_of", "read_list_file", "make_slice_datalist", "write_datalist", "volume_datalist", "image_datalist"]
 
 _SUFFIXES = (re.compile(r"_slice_\d+$"), re.compile(r"_frame\d+$"))
 
@@ -101,6 +101,32 @@ def make_slice_datalist(
         "validation": volume_datalist(root, val_list),
         "labeled_patients": labeled_patients,
     }
+
+
+def image_datalist(
+    folder: str | os.PathLike, pattern: str = "*.nii*", allow_empty: bool = False
+) -> list[dict[str, str]]:
+    """One ``{"image": path}`` entry per file in ``folder`` whose name matches the glob ``pattern``, sorted by name
+    (the inputs of an inference run).
+
+    Args:
+        folder: folder of the inputs.
+        pattern: glob pattern of their file names.
+        allow_empty: return ``[]`` for a missing folder or no match (so a bundle's default config can be parsed and
+            checked before any input exists) instead of raising.
+
+    Raises:
+        DataError: ``folder`` does not exist or no file in it matches ``pattern`` (unless ``allow_empty``).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        if allow_empty:
+            return []
+        raise DataError(folder, "input folder not found")
+    paths = sorted(p for p in folder.glob(pattern) if p.is_file())
+    if not paths and not allow_empty:
+        raise DataError(folder, f"no input file matches '{pattern}' in this folder")
+    return [{"image": str(p)} for p in paths]
 
 
 def write_datalist(datalist: dict[str, Any], out: str | os.PathLike) -> Path:

@@ -144,12 +144,13 @@ def test_unsupervised_loss_masks_unconfident_pixels():
     confidence = torch.tensor([[[0.99, 0.5], [0.5, 0.5]]])
     # CE of uniform logits is log(4) on the one confident pixel, averaged over all four pixels
     expected = torch.log(torch.tensor(4.0)) / 4
-    assert torch.allclose(trainer.unsupervised_loss(logits, pseudo, confidence), expected)
+    keep = confidence >= trainer.conf_thresh
+    assert torch.allclose(trainer.unsupervised_loss(logits, pseudo, keep), expected)
 
 
 def test_method_choice_and_empty_pool():
     assert unlabeled_data("supervised", [{"image": "a"}]) == []
-    assert unlabeled_data("unimatch_v2", [{"image": "a"}]) == [{"image": "a"}]
+    assert unlabeled_data("unimatch_v2", [{"image": "a"}]) == [{"image": "a", "id": "a"}]
     with pytest.warns(UserWarning, match="unlabelled pool is empty"):
         assert unlabeled_data("unimatch_v2", []) == []
     with pytest.raises(ValueError, match="unknown method 'fixmatch'"):
@@ -204,3 +205,35 @@ def test_strong_pass_leaves_batchnorm_running_stats_alone():
     assert all(m.momentum == 0.1 for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
     net(torch.rand(2, 1, 32, 32))
     assert any(not torch.equal(b, before[n]) for n, b in net.named_buffers() if "running" in n)
+
+
+@pytest.mark.parametrize("unlabeled", [True, False])
+def test_teacher_own_batchnorm_statistics(unlabeled):
+    """With teacher_bn_stats="own" the EMA moves only the teacher's weights; its running statistics follow its own
+    forward passes (weak view, or the labelled batch in supervised training), never the student's."""
+    torch.manual_seed(0)
+    student = UNet(in_channels=1, out_channels=4)
+    teacher = copy.deepcopy(student)
+    labeled_loader, unlabeled_loader = _loaders()
+    from monai.losses import DiceCELoss
+
+    trainer = UniMatchV2Trainer(
+        device="cpu", max_epochs=1, epoch_length=2, train_data_loader=labeled_loader,
+        unlabeled_data_loader=unlabeled_loader if unlabeled else None, network=student, teacher=teacher,
+        optimizer=torch.optim.SGD(student.parameters(), lr=0.01), loss_function=DiceCELoss(to_onehot_y=True, softmax=True),
+        teacher_bn_stats="own", train_handlers=[EMATeacher(student, teacher, decay=0.99, average_buffers=False)],
+    )
+    bn_t = next(m for m in teacher.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    bn_s = next(m for m in student.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    initial = bn_t.running_mean.clone()
+    trainer.run()
+    assert int(bn_t.num_batches_tracked) == 2  # one teacher pass per iteration
+    assert not torch.allclose(bn_t.running_mean, initial)
+    if unlabeled:  # statistics of the weak view, not of the student's labelled batches
+        assert not torch.allclose(bn_t.running_mean, bn_s.running_mean)
+    assert not teacher.training
+    with pytest.raises(ValueError, match="unknown teacher_bn_stats 'swa'"):
+        UniMatchV2Trainer(
+            device="cpu", max_epochs=1, train_data_loader=[], network=student, teacher=teacher,
+            optimizer=torch.optim.SGD(student.parameters(), lr=0.1), loss_function=torch.nn.MSELoss(), teacher_bn_stats="swa",
+        )

@@ -1,17 +1,23 @@
 from .unimatch_v2 import (
+    FUSIONS,
     METHODS,
+    TEACHER_BN_STATS,
     UniMatchV2Trainer,
     UnlabeledKeys,
     cycle_loader,
     frozen_batchnorm_stats,
     unlabeled_data,
 )
+from .vessa_labels import VessaPseudoLabeler
 from .vessa_stage1 import VessaStage1Trainer
 
 __all__ = [
+    "FUSIONS",
     "METHODS",
+    "TEACHER_BN_STATS",
     "UniMatchV2Trainer",
     "UnlabeledKeys",
+    "VessaPseudoLabeler",
     "VessaStage1Trainer",
     "cycle_loader",
     "frozen_batchnorm_stats",

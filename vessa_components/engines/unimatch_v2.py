@@ -11,6 +11,16 @@ Per iteration, with a labelled batch ``(x, y)`` and an unlabelled batch (weak vi
    pseudo-label, kept where the teacher's confidence >= ``conf_thresh`` and averaged over all pixels;
 5. ``loss = (loss_x + loss_u) / 2``; the EMA teacher is updated by :class:`vessa_components.handlers.EMATeacher`.
 
+With VESSA (``vessa``, a :class:`~vessa_components.engines.VessaPseudoLabeler`), VESSA's cached pseudo-label of each
+unlabelled slice is resampled onto its weak view and mixed by the same CutMix; ``pseudo_label_fusion`` decides its use:
+
+- ``separate``: ``loss_v`` = the same masked CE with VESSA's labels, kept where VESSA's confidence >=
+  ``vessa_conf_thresh``; ``loss = (loss_x + loss_u) / 2 + lambda_v * loss_v``, ``lambda_v`` read from
+  ``engine.state.vessa_weight`` (an Ignite state scheduler decays it: VESSA guides early, the teacher takes over);
+- ``confidence``: per pixel, the label of the more confident of teacher and VESSA (each against its own threshold)
+  replaces the teacher's in ``loss_u``;
+- ``agreement``: ``loss_u`` keeps only pixels where both are confident and agree.
+
 Without an unlabelled loader the trainer is plain supervised training (what MONAI Label's training request runs).
 """
 
@@ -34,6 +44,8 @@ from torch.optim.optimizer import Optimizer
 from torch.utils.data import DataLoader
 
 from ..transforms.ssl import cutmix_with_flipped_batch
+from ..transforms.view import warp_to_view
+from .vessa_labels import VessaPseudoLabeler
 
 if TYPE_CHECKING:
     from ignite.engine import Engine, EventEnum
@@ -43,7 +55,16 @@ else:
     Metric, _ = optional_import("ignite.metrics", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Metric")
     EventEnum, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "EventEnum")
 
-__all__ = ["METHODS", "UniMatchV2Trainer", "UnlabeledKeys", "cycle_loader", "frozen_batchnorm_stats", "unlabeled_data"]
+__all__ = [
+    "FUSIONS",
+    "METHODS",
+    "TEACHER_BN_STATS",
+    "UniMatchV2Trainer",
+    "UnlabeledKeys",
+    "cycle_loader",
+    "frozen_batchnorm_stats",
+    "unlabeled_data",
+]
 
 
 class UnlabeledKeys:
@@ -54,6 +75,14 @@ class UnlabeledKeys:
     STRONG2 = "image_s2"
     BOX1 = "cutmix_box1"
     BOX2 = "cutmix_box2"
+    #: VESSA only: the slice before random augmentation, the weak view's pixel map onto it, the slice's id
+    REFERENCE = "image_ref"
+    WEAK_TO_REFERENCE = "weak_to_ref"
+    ID = "id"
+
+
+FUSIONS = ("separate", "confidence", "agreement")
+TEACHER_BN_STATS = ("ema", "own")
 
 
 @contextlib.contextmanager
@@ -102,10 +131,21 @@ class UniMatchV2Trainer(Trainer):
             student has no BatchNorm; a BatchNorm student (the UNet) would otherwise average in the statistics of
             CutMixed, complementary-dropped features (channels x2 or 0), which ruins its eval-mode predictions and,
             through the EMA, the teacher's pseudo-labels.
+        teacher_bn_stats: where the teacher's BatchNorm statistics come from. ``"ema"`` (UniMatch V2): averaged from
+            the student with the weights (see :class:`~vessa_components.handlers.EMATeacher`); the teacher predicts in
+            eval mode. ``"own"``: the teacher normalises with the statistics of its own input batch (the weak view, or
+            the labelled batch when there is no unlabelled data), which also keeps its running statistics, used for
+            validation, those of its own weights; pair it with ``EMATeacher(average_buffers=False)``.
+        vessa: VESSA's cached pseudo-labels (method ``vessa``); the unlabelled batches then also carry
+            :attr:`UnlabeledKeys.REFERENCE`, :attr:`UnlabeledKeys.WEAK_TO_REFERENCE` and :attr:`UnlabeledKeys.ID`.
+        vessa_conf_thresh: VESSA confidence from which its pseudo-label counts.
+        vessa_weight: ``lambda_v`` until a handler sets ``engine.state.vessa_weight``.
+        pseudo_label_fusion: how teacher and VESSA pseudo-labels combine, one of :data:`FUSIONS`.
         other arguments: as in ``monai.engines.SupervisedTrainer``.
 
     ``engine.state.output`` holds ``loss``, ``loss_x``, ``loss_u`` and ``mask_ratio`` (share of unlabelled pixels whose
-    teacher confidence reaches ``conf_thresh``), plus the labelled ``image``, ``label`` and ``pred``.
+    teacher confidence reaches ``conf_thresh``), plus the labelled ``image``, ``label`` and ``pred``; with VESSA also
+    ``loss_v``, ``mask_ratio_v``, ``vessa_weight``, ``vessa_cache_size`` and ``vessa_hit_rate``.
     """
 
     def __init__(
@@ -122,6 +162,11 @@ class UniMatchV2Trainer(Trainer):
         epoch_length: int | None = None,
         comp_drop: bool = True,
         freeze_bn_on_strong: bool = True,
+        teacher_bn_stats: str = "ema",
+        vessa: VessaPseudoLabeler | None = None,
+        vessa_conf_thresh: float = 0.9,
+        vessa_weight: float = 1.0,
+        pseudo_label_fusion: str = "separate",
         non_blocking: bool = False,
         prepare_batch: Callable = default_prepare_batch,
         iteration_update: Callable[[Engine, Any], Any] | None = None,
@@ -161,6 +206,10 @@ class UniMatchV2Trainer(Trainer):
         )
         if unlabeled_data_loader is not None and teacher is None:
             raise ValueError("UniMatchV2Trainer: an unlabelled loader needs a teacher network for pseudo-labels")
+        if teacher_bn_stats not in TEACHER_BN_STATS:
+            raise ValueError(f"unknown teacher_bn_stats '{teacher_bn_stats}'; choose one of {TEACHER_BN_STATS}")
+        if pseudo_label_fusion not in FUSIONS:
+            raise ValueError(f"unknown pseudo_label_fusion '{pseudo_label_fusion}'; choose one of {FUSIONS}")
         self.network = network
         self.teacher = teacher
         self.optimizer = optimizer
@@ -169,31 +218,73 @@ class UniMatchV2Trainer(Trainer):
         self.conf_thresh = conf_thresh
         self.comp_drop = comp_drop
         self.freeze_bn_on_strong = freeze_bn_on_strong
+        self.teacher_bn_stats = teacher_bn_stats
         self.optim_set_to_none = optim_set_to_none
         self.unlabeled_data_loader = unlabeled_data_loader
+        self.vessa = vessa
+        self.vessa_conf_thresh = vessa_conf_thresh
+        self.pseudo_label_fusion = pseudo_label_fusion
+        self.state.vessa_weight = vessa_weight
         self._unlabeled_batches = None if unlabeled_data_loader is None else cycle_loader(unlabeled_data_loader)
         if self.teacher is not None:
             self.teacher.requires_grad_(False)
 
     def _next_unlabeled(self) -> dict[str, torch.Tensor]:
         batch = next(self._unlabeled_batches)  # type: ignore[arg-type]
-        keys = (UnlabeledKeys.WEAK, UnlabeledKeys.STRONG1, UnlabeledKeys.STRONG2, UnlabeledKeys.BOX1, UnlabeledKeys.BOX2)
-        missing = [k for k in keys if k not in batch]
+        keys = [UnlabeledKeys.WEAK, UnlabeledKeys.STRONG1, UnlabeledKeys.STRONG2, UnlabeledKeys.BOX1, UnlabeledKeys.BOX2]
+        if self.vessa is not None:
+            keys += [UnlabeledKeys.REFERENCE, UnlabeledKeys.WEAK_TO_REFERENCE]
+        missing = [k for k in [*keys, UnlabeledKeys.ID] if k not in batch and (k != UnlabeledKeys.ID or self.vessa)]
         if missing:
             raise KeyError(f"unlabelled batch lacks {missing}; its transforms must create {list(keys)}")
-        return {k: torch.as_tensor(batch[k]).to(self.state.device, non_blocking=self.non_blocking) for k in keys}
+        out = {k: torch.as_tensor(batch[k]).to(self.state.device, non_blocking=self.non_blocking) for k in keys}
+        if self.vessa is not None:
+            out[UnlabeledKeys.ID] = [str(i) for i in batch[UnlabeledKeys.ID]]
+        return out
 
     @torch.no_grad()
+    def teacher_probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """Teacher's ``[B, C, H, W]`` probabilities (with ``teacher_bn_stats="own"`` its BatchNorm layers use, and
+        update their running statistics with, this batch's statistics)."""
+        self.teacher.train(self.teacher_bn_stats == "own")  # type: ignore[union-attr]
+        probs = self.inferer(images, self.teacher).float().softmax(dim=1)
+        self.teacher.eval()  # type: ignore[union-attr]
+        return probs
+
     def pseudo_label(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher's per-pixel confidence and label (``[B, H, W]`` each) on the weak view."""
-        self.teacher.eval()  # type: ignore[union-attr]
-        probs = self.inferer(images, self.teacher).float().softmax(dim=1)
-        return probs.max(dim=1)
+        return self.teacher_probabilities(images).max(dim=1)
 
-    def unsupervised_loss(self, logits: torch.Tensor, pseudo: torch.Tensor, confidence: torch.Tensor) -> torch.Tensor:
-        """Per-pixel CE with the pseudo-label, zero where the confidence is below ``conf_thresh``, averaged over pixels."""
+    def unsupervised_loss(self, logits: torch.Tensor, pseudo: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Per-pixel CE with the pseudo-label, zero where ``keep`` is false, averaged over all pixels."""
         ce = F.cross_entropy(logits.float(), pseudo, reduction="none")
-        return (ce * (confidence >= self.conf_thresh)).mean()
+        return (ce * keep).mean()
+
+    @torch.no_grad()
+    def vessa_pseudo_label(self, unlabeled: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """VESSA's label and confidence ``[B, H, W]`` on the weak view (0 confidence where the view shows pixels
+        outside the reference slice)."""
+        labels, confidence = self.vessa(  # type: ignore[misc]
+            unlabeled[UnlabeledKeys.ID], unlabeled[UnlabeledKeys.REFERENCE], self.state.iteration, self._teacher_eval
+        )
+        maps = torch.stack((labels.float(), confidence), dim=1)
+        warped = warp_to_view(maps, unlabeled[UnlabeledKeys.WEAK_TO_REFERENCE], mode="nearest")
+        return warped[:, 0].round().long(), warped[:, 1]
+
+    @torch.no_grad()
+    def _teacher_eval(self, images: torch.Tensor) -> torch.Tensor:
+        self.teacher.eval()  # type: ignore[union-attr]
+        return self.inferer(images, self.teacher).float().softmax(dim=1)
+
+    def fuse(
+        self, pseudo_t: torch.Tensor, conf_t: torch.Tensor, pseudo_v: torch.Tensor, conf_v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pseudo-label and keep-mask of ``loss_u`` under ``confidence`` or ``agreement`` fusion."""
+        keep_t, keep_v = conf_t >= self.conf_thresh, conf_v >= self.vessa_conf_thresh
+        if self.pseudo_label_fusion == "agreement":
+            return pseudo_t, keep_t & keep_v & (pseudo_t == pseudo_v)
+        take_v = keep_v & (~keep_t | (conf_v > conf_t))
+        return torch.where(take_v, pseudo_v, pseudo_t), keep_t | keep_v
 
     def _iteration(self, engine: UniMatchV2Trainer, batchdata: dict[str, torch.Tensor]) -> dict:
         if batchdata is None:
@@ -202,14 +293,24 @@ class UniMatchV2Trainer(Trainer):
         x, y = batch[:2]
         engine.state.output = {Keys.IMAGE: x, Keys.LABEL: y}
         unlabeled = engine._next_unlabeled() if engine._unlabeled_batches is not None else None
+        if unlabeled is None and engine.teacher is not None and engine.teacher_bn_stats == "own":
+            engine.teacher_probabilities(x)  # keeps the teacher's running statistics its own for validation
 
+        use_vessa = unlabeled is not None and engine.vessa is not None
         if unlabeled is not None:
             conf_w, pseudo_w = engine.pseudo_label(unlabeled[UnlabeledKeys.WEAK])
+            keep_w = conf_w >= engine.conf_thresh
+            mask_ratio = keep_w.float().mean()
+            if use_vessa:
+                pseudo_v, conf_v = engine.vessa_pseudo_label(unlabeled)
+                keep_v = conf_v >= engine.vessa_conf_thresh
+                if engine.pseudo_label_fusion != "separate":
+                    pseudo_w, keep_w = engine.fuse(pseudo_w, conf_w, pseudo_v, conf_v)
             box1, box2 = unlabeled[UnlabeledKeys.BOX1], unlabeled[UnlabeledKeys.BOX2]
-            strong1 = cutmix_with_flipped_batch(unlabeled[UnlabeledKeys.STRONG1], box1)
-            strong2 = cutmix_with_flipped_batch(unlabeled[UnlabeledKeys.STRONG2], box2)
-            pseudo1, conf1 = cutmix_with_flipped_batch(pseudo_w, box1), cutmix_with_flipped_batch(conf_w, box1)
-            pseudo2, conf2 = cutmix_with_flipped_batch(pseudo_w, box2), cutmix_with_flipped_batch(conf_w, box2)
+            mix1 = lambda t: cutmix_with_flipped_batch(t, box1)  # noqa: E731
+            mix2 = lambda t: cutmix_with_flipped_batch(t, box2)  # noqa: E731
+            strong1, strong2 = mix1(unlabeled[UnlabeledKeys.STRONG1]), mix2(unlabeled[UnlabeledKeys.STRONG2])
+            pseudo1, keep1, pseudo2, keep2 = mix1(pseudo_w), mix1(keep_w), mix2(pseudo_w), mix2(keep_w)
 
         def _compute_pred_loss() -> None:
             pred_x = engine.inferer(x, engine.network)
@@ -224,16 +325,15 @@ class UniMatchV2Trainer(Trainer):
                     pred_s1, pred_s2 = engine.inferer(strong, engine.network, comp_drop=engine.comp_drop).chunk(2)
                 engine.fire_event(IterationEvents.FORWARD_COMPLETED)
                 loss_u = (
-                    engine.unsupervised_loss(pred_s1, pseudo1, conf1) + engine.unsupervised_loss(pred_s2, pseudo2, conf2)
+                    engine.unsupervised_loss(pred_s1, pseudo1, keep1) + engine.unsupervised_loss(pred_s2, pseudo2, keep2)
                 ) / 2.0
-                engine.state.output.update(
-                    {
-                        Keys.LOSS: (loss_x + loss_u) / 2.0,
-                        "loss_x": loss_x.detach(),
-                        "loss_u": loss_u.detach(),
-                        "mask_ratio": (conf_w >= engine.conf_thresh).float().mean(),
-                    }
-                )
+                loss = (loss_x + loss_u) / 2.0
+                engine.state.output.update({"loss_x": loss_x.detach(), "loss_u": loss_u.detach(), "mask_ratio": mask_ratio})
+                if use_vessa:
+                    engine.state.output.update(engine._vessa_terms(pred_s1, pred_s2, pseudo_v, keep_v, mix1, mix2))
+                    if engine.pseudo_label_fusion == "separate":
+                        loss = loss + engine.state.vessa_weight * engine.state.output["loss_v"]
+                engine.state.output[Keys.LOSS] = loss
             engine.fire_event(IterationEvents.LOSS_COMPLETED)
 
         engine.network.train()
@@ -253,12 +353,34 @@ class UniMatchV2Trainer(Trainer):
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
 
+    def _vessa_terms(
+        self,
+        pred_s1: torch.Tensor,
+        pred_s2: torch.Tensor,
+        pseudo_v: torch.Tensor,
+        keep_v: torch.Tensor,
+        mix1: Callable[[torch.Tensor], torch.Tensor],
+        mix2: Callable[[torch.Tensor], torch.Tensor],
+    ) -> dict[str, Any]:
+        loss_v = (
+            self.unsupervised_loss(pred_s1, mix1(pseudo_v), mix1(keep_v))
+            + self.unsupervised_loss(pred_s2, mix2(pseudo_v), mix2(keep_v))
+        ) / 2.0
+        return {
+            "loss_v": loss_v,
+            "mask_ratio_v": keep_v.float().mean(),
+            "vessa_weight": torch.tensor(float(self.state.vessa_weight)),
+            "vessa_cache_size": torch.tensor(float(len(self.vessa))),  # type: ignore[arg-type]
+            "vessa_hit_rate": torch.tensor(self.vessa.hit_rate),  # type: ignore[union-attr]
+        }
 
-METHODS = ("supervised", "unimatch_v2")
+
+METHODS = ("supervised", "unimatch_v2", "vessa")
 
 
 def unlabeled_data(method: str, data: Sequence[dict]) -> list[dict]:
-    """The unlabelled samples that ``method`` trains on: none for ``supervised``, all of them for ``unimatch_v2``.
+    """The unlabelled samples that ``method`` trains on: none for ``supervised``, all of them otherwise, each with an
+    ``id`` (its image path unless given) that keys VESSA's pseudo-label cache.
 
     An empty pool with a semi-supervised method is not an error: training falls back to supervised, with a warning.
     """
@@ -268,4 +390,4 @@ def unlabeled_data(method: str, data: Sequence[dict]) -> list[dict]:
         return []
     if not data:
         warnings.warn(f"method={method} but the unlabelled pool is empty: training is supervised only")
-    return list(data)
+    return [{UnlabeledKeys.ID: str(item["image"]), **item} for item in data]

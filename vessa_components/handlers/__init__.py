@@ -11,13 +11,16 @@ from .tracking import (
     scalar_outputs,
     tracking_server_error,
 )
+from .vessa_schedule import SCHEDULE_SHAPES, VessaWeightSchedule
 from .volume_metrics import VolumeMetricsWriter
 
 __all__ = [
+    "SCHEDULE_SHAPES",
     "EMATeacher",
     "MLFlowTracker",
     "TrainingCheckpoint",
     "VessaSaver",
+    "VessaWeightSchedule",
     "VolumeMetricsWriter",
     "executed_config",
     "hyperparameters",

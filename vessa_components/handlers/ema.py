@@ -27,14 +27,21 @@ class EMATeacher:
         student: the trained network (may be wrapped in ``DistributedDataParallel``).
         teacher: a network of the same architecture; it gets no gradients.
         decay: the EMA decay once warmed up (0.996 in UniMatch V2).
+        average_buffers: also average the floating-point buffers (BatchNorm running statistics), as UniMatch V2 does.
+            ``False`` leaves them to the teacher's own forward passes (``UniMatchV2Trainer(teacher_bn_stats="own")``):
+            statistics averaged from the student do not match the averaged weights of a network trained from scratch,
+            whose eval-mode predictions they ruin.
     """
 
-    def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module, decay: float = 0.996) -> None:
+    def __init__(
+        self, student: torch.nn.Module, teacher: torch.nn.Module, decay: float = 0.996, average_buffers: bool = True
+    ) -> None:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must lie in [0, 1), got {decay}")
         self.student = student
         self.teacher = teacher.requires_grad_(False)
         self.decay = decay
+        self.average_buffers = average_buffers
         student_params = dict(_unwrap(student).named_parameters())
         teacher_params = dict(teacher.named_parameters())
         if student_params.keys() != teacher_params.keys():
@@ -52,6 +59,8 @@ class EMATeacher:
         weight = 1.0 - self.ratio(iteration)
         student = _unwrap(self.student)
         torch._foreach_lerp_(list(self.teacher.parameters()), [p.detach() for p in student.parameters()], weight)
+        if not self.average_buffers:
+            return
         for b_t, b_s in zip(self.teacher.buffers(), student.buffers()):
             if b_t.is_floating_point():
                 b_t.lerp_(b_s, weight)

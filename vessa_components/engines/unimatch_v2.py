@@ -330,9 +330,10 @@ class UniMatchV2Trainer(Trainer):
                 loss = (loss_x + loss_u) / 2.0
                 engine.state.output.update({"loss_x": loss_x.detach(), "loss_u": loss_u.detach(), "mask_ratio": mask_ratio})
                 if use_vessa:
-                    engine.state.output.update(engine._vessa_terms(pred_s1, pred_s2, pseudo_v, keep_v, mix1, mix2))
+                    loss_v, terms = engine._vessa_terms(pred_s1, pred_s2, pseudo_v, keep_v, mix1, mix2)
+                    engine.state.output.update(terms)
                     if engine.pseudo_label_fusion == "separate":
-                        loss = loss + engine.state.vessa_weight * engine.state.output["loss_v"]
+                        loss = loss + engine.state.vessa_weight * loss_v
                 engine.state.output[Keys.LOSS] = loss
             engine.fire_event(IterationEvents.LOSS_COMPLETED)
 
@@ -361,13 +362,14 @@ class UniMatchV2Trainer(Trainer):
         keep_v: torch.Tensor,
         mix1: Callable[[torch.Tensor], torch.Tensor],
         mix2: Callable[[torch.Tensor], torch.Tensor],
-    ) -> dict[str, Any]:
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """``loss_v`` (with its graph) and the VESSA entries of ``state.output``."""
         loss_v = (
             self.unsupervised_loss(pred_s1, mix1(pseudo_v), mix1(keep_v))
             + self.unsupervised_loss(pred_s2, mix2(pseudo_v), mix2(keep_v))
         ) / 2.0
-        return {
-            "loss_v": loss_v,
+        return loss_v, {
+            "loss_v": loss_v.detach(),
             "mask_ratio_v": keep_v.float().mean(),
             "vessa_weight": torch.tensor(float(self.state.vessa_weight)),
             "vessa_cache_size": torch.tensor(float(len(self.vessa))),  # type: ignore[arg-type]

@@ -9,15 +9,19 @@ dense mask prompt and a box per class, and entries made without that feedback co
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..networks.vessa import boxes_from_masks
+from ..data.errors import DataError
+from ..networks.vessa import VessaSegmenter, boxes_from_masks, build_vessa_model
+from ..templates.bank import TemplateBank
 
-__all__ = ["VessaPseudoLabeler"]
+__all__ = ["VessaPseudoLabeler", "build_vessa_labeler"]
 
 #: prompts are logits; a teacher probability of exactly 0 or 1 would give an infinite one
 _MAX_PROMPT_LOGIT = 10.0
@@ -142,3 +146,84 @@ class VessaPseudoLabeler:
         labels = torch.stack([e[2] for e in entries]).to(images.device, torch.long)
         confidence = torch.stack([e[3] for e in entries]).to(images.device, torch.float32)
         return labels, confidence
+
+
+def build_vessa_labeler(
+    method: str,
+    vessa_ckpt: str | os.PathLike | None,
+    template_bank: str | os.PathLike | None,
+    labeled_data: Sequence[Mapping],
+    class_names: Sequence[str],
+    dataset_name: str,
+    modality: str,
+    vlm_path: str | os.PathLike | None = None,
+    train_vlm: str = "frozen",
+    sam2_config: str | None = None,
+    sam2_preset: str = "tiny_cpu",
+    image_size: int = 128,
+    refresh_interval: int = 200,
+    feedback_start: int | None = None,
+    device: str | torch.device = "cpu",
+) -> VessaPseudoLabeler | None:
+    """The frozen VESSA of a ``vessa_foundation`` run as Stage 2's pseudo-labeler; ``None`` unless ``method`` is
+    ``"vessa"`` (so a bundle config can always reference it).
+
+    Args:
+        method: the Stage-2 method.
+        vessa_ckpt: ``models/model.pt`` of a ``vessa_foundation`` run (required for ``vessa``).
+        template_bank: a saved :class:`TemplateBank` directory holding only this run's labelled cases; empty builds one
+            from ``labeled_data`` (the slices' thumbnails as embeddings, the foundation bundle's default).
+        labeled_data: the run's labelled datalist entries (``image``, ``label``, ``patient``).
+        class_names: the bundle's class names, background first; the bank's must be the same.
+        dataset_name, modality: the data set name the bank files the slices under, and the prompts' modality.
+        vlm_path, train_vlm, sam2_config, sam2_preset, image_size: the ``vessa_foundation`` settings the checkpoint
+            was trained with (a bank's own image size wins).
+        refresh_interval, feedback_start: see :class:`VessaPseudoLabeler`.
+        device: where VESSA runs.
+
+    Raises:
+        ValueError: a missing ``vessa_ckpt``, a bank whose classes differ from ``class_names`` or that holds
+            unlabelled patients, a checkpoint that does not fit the configured model.
+    """
+    if method != "vessa":
+        return None
+    if not vessa_ckpt:
+        raise ValueError("method=vessa needs vessa_ckpt: the models/model.pt of a vessa_foundation run")
+    ckpt = Path(vessa_ckpt)
+    if not ckpt.is_file():
+        raise DataError(ckpt, "VESSA checkpoint not found (vessa_ckpt)")
+    if template_bank:
+        bank = TemplateBank.load(template_bank)
+        if dataset_name not in bank.datasets():
+            raise ValueError(f"template bank {template_bank} has no data set '{dataset_name}' (it has {bank.datasets()})")
+        labeled_patients = {str(e.get("patient")) for e in labeled_data}
+        extra = sorted({x.patient for x in bank.exemplars if x.dataset == dataset_name} - labeled_patients)
+        if extra:
+            raise ValueError(
+                f"template bank {template_bank} holds patients {extra[:5]} that are not labelled in this run; "
+                "a Stage-2 bank may only hold the run's labelled cases"
+            )
+    else:
+        if not labeled_data:
+            raise ValueError("method=vessa needs labelled slices to build its template bank")
+        bank = TemplateBank.from_datalist(labeled_data, dataset_name, modality, class_names, image_size=image_size)
+    if list(bank.classes(dataset_name)) != list(class_names):
+        raise ValueError(
+            f"template bank {template_bank or '(built from the labelled cases)'} has classes "
+            f"{bank.classes(dataset_name)} for '{dataset_name}'; the bundle segments {list(class_names)}"
+        )
+    arch = {"sam2_config": sam2_config} if sam2_config else {}
+    model = build_vessa_model(
+        class_names[1:], modality, vlm_path or None, train_vlm, sam2_preset=sam2_preset, image_size=bank.image_size, **arch
+    )
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first_lines = "; ".join(str(e).splitlines()[:3])
+        raise ValueError(
+            f"VESSA checkpoint {ckpt} does not fit the configured model (train_vlm={train_vlm}, sam2_preset="
+            f"{sam2_preset}, image_size={bank.image_size}, classes {list(class_names[1:])}): {first_lines}"
+        ) from e
+    segmenter = VessaSegmenter(model.to(device), bank, dataset_name)
+    return VessaPseudoLabeler(segmenter, refresh_interval=refresh_interval, feedback_start=feedback_start)

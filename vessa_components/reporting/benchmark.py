@@ -112,12 +112,14 @@ def bare_unimatch_v2_step(
     conf_thresh: float,
     ema_decay: float,
     iteration: int,
+    teacher_bn_stats: str = "ema",
 ) -> float:
     """One UniMatch V2 step written as a plain PyTorch loop body: the reference the trainer's overhead is measured
-    against (same network, batches and augmentations; no Ignite, no handlers)."""
+    against (same network, batches and augmentations; no Ignite, no handlers). ``teacher_bn_stats`` as in
+    :class:`~vessa_components.engines.UniMatchV2Trainer`."""
     x, y = labeled["image"], labeled["label"]
     with torch.no_grad():
-        teacher.eval()
+        teacher.train(teacher_bn_stats == "own")
         conf_w, pseudo_w = teacher(unlabeled["image"]).softmax(dim=1).max(dim=1)
     box1, box2 = unlabeled["cutmix_box1"], unlabeled["cutmix_box2"]
     strong = torch.cat(
@@ -139,7 +141,7 @@ def bare_unimatch_v2_step(
     with torch.no_grad():
         for p_t, p_s in zip(teacher.parameters(), student.parameters()):
             p_t.mul_(ratio).add_(p_s, alpha=1 - ratio)
-        for b_t, b_s in zip(teacher.buffers(), student.buffers()):
+        for b_t, b_s in zip(teacher.buffers() if teacher_bn_stats == "ema" else (), student.buffers()):
             b_t.copy_(b_t * ratio + b_s * (1 - ratio) if b_t.is_floating_point() else b_s)
     return loss.item()
 
@@ -156,6 +158,7 @@ def _overhead(output_dir: str, iterations: int, overrides: dict[str, Any], queue
     student, teacher = parser.get_parsed_content("network"), parser.get_parsed_content("teacher")
     optimizer, loss_function = parser.get_parsed_content("optimizer"), parser.get_parsed_content("loss")
     conf_thresh, ema_decay = parser.get_parsed_content("conf_thresh"), parser.get_parsed_content("ema_decay")
+    teacher_bn_stats = parser.get_parsed_content("teacher_bn_stats")
 
     def bare(n: int) -> list[float]:
         stamps = []
@@ -163,7 +166,7 @@ def _overhead(output_dir: str, iterations: int, overrides: dict[str, Any], queue
         for i in range(n):
             bare_unimatch_v2_step(
                 student, teacher, optimizer, loss_function, next(labeled_iter), next(unlabeled_iter),
-                conf_thresh, ema_decay, i,
+                conf_thresh, ema_decay, i, teacher_bn_stats,
             )
             stamps.append(time.perf_counter())
         return [b - a for a, b in zip(stamps, stamps[1:])]

@@ -5,6 +5,13 @@ Example (what the issue's note reports; a GPU user raises --max_iterations)::
     python tools/benchmark_ssl.py --dataset_dir ../shared/data/acdc_ssl4mis --labeled_cases 3 \
         --methods supervised,unimatch_v2 --max_iterations 600 --seeds 0,1,2 --out_dir runs/benchmark_ssl
 
+VESSA methods need a ``vessa_foundation`` run's weights: ``vessa`` and ``vessa_no_feedback`` (feedback never starts)
+use ``--vessa_ckpt`` (trained with ``--vessa_train_vlm``), ``vessa_no_vlm`` uses ``--vessa_no_vlm_ckpt`` (a foundation
+run with ``train_vlm=off``)::
+
+    python tools/benchmark_ssl.py ... --methods supervised,unimatch_v2,vessa,vessa_no_feedback,vessa_no_vlm \
+        --vessa_ckpt runs/foundation/models/model.pt --vessa_no_vlm_ckpt runs/foundation_no_vlm/models/model.pt
+
 Writes ``results.json``, ``results.md`` (per-class Dice, Jaccard, HD95, ASD as mean ± std over seeds, iterations, wall
 time, samples/s, peak memory, the trainer-vs-bare-loop throughput) and ``dice_vs_iterations.png`` to ``out_dir``.
 """
@@ -20,6 +27,21 @@ from tqdm import tqdm
 from vessa_components.reporting import plot_dice_curves
 from vessa_components.reporting.benchmark import format_results, measure_overhead, run_method, summarize_runs
 from vessa_components.utils import show_progress, write_json, write_text
+
+
+def method_overrides(method: str, vessa: dict, vessa_no_vlm_ckpt: str) -> dict:
+    """Bundle overrides of a benchmark method name (the bundle's own methods, or a VESSA ablation)."""
+    if method in ("supervised", "unimatch_v2"):
+        return {"method": method}
+    if method == "vessa":
+        return {"method": "vessa", **vessa}
+    if method == "vessa_no_feedback":
+        return {"method": "vessa", **vessa, "feedback_start": 10**9}
+    if method == "vessa_no_vlm":
+        return {"method": "vessa", **vessa, "vessa_ckpt": vessa_no_vlm_ckpt, "vessa_train_vlm": "off"}
+    raise ValueError(
+        f"unknown method '{method}'; choose from supervised, unimatch_v2, vessa, vessa_no_feedback, vessa_no_vlm"
+    )
 
 
 def _as_list(value) -> list[str]:
@@ -40,6 +62,10 @@ def main(
     num_workers: int = 1,
     threads: int = 2,
     overhead_iterations: int = 30,
+    vessa_ckpt: str = "",
+    vessa_no_vlm_ckpt: str = "",
+    vessa_train_vlm: str = "frozen",
+    vessa_image_size: int = 128,
 ) -> None:
     """Run every method for every seed, then the overhead measurement, and write the tables and the figure."""
     out = Path(out_dir)
@@ -48,10 +74,14 @@ def main(
         "max_iterations": max_iterations, "val_interval": val_interval, "save_interval": max_iterations,
         "roi_size": roi_size, "batch_size": batch_size, "num_workers": num_workers, "show_progress": False,
     }
+    vessa = {"vessa_ckpt": vessa_ckpt, "vessa_train_vlm": vessa_train_vlm, "vessa_image_size": vessa_image_size}
+    for m in _as_list(methods):  # fail before hours of training, not after
+        method_overrides(m, vessa, vessa_no_vlm_ckpt)
     runs: dict[str, list[dict]] = {}
     jobs = [(m, int(s)) for m in _as_list(methods) for s in _as_list(seeds)]
     for method, seed in tqdm(jobs, desc="training runs", disable=not show_progress()):
-        result = run_method(out / f"{method}_seed{seed}", threads=threads, method=method, seed=seed, **common)
+        overrides = method_overrides(method, vessa, vessa_no_vlm_ckpt)
+        result = run_method(out / f"{method}_seed{seed}", threads=threads, seed=seed, **common, **overrides)
         runs.setdefault(method, []).append({"seed": seed, **result})
         write_json(out / "results.json", {"settings": common, "runs": runs})  # partial results survive a crash
     overhead = None

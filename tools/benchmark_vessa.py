@@ -274,7 +274,8 @@ def size_check(out_dir: str = "runs/vessa_size", threads: int = 2, vlm_forward: 
     del vlm
 
     sam2 = build_sam2_model(preset="full")
-    parts = Sam2Parts(sam2).eval()
+    # frozen: FlopCounterMode's module tracker cannot hook parameters returned as outputs (SAM2's learned embeddings)
+    parts = Sam2Parts(sam2.requires_grad_(False)).eval()
     size = parts.image_size
     images, mask = torch.rand(2, 1, size, size), torch.zeros(1, 1, size, size)
     mask[..., size // 3 : size // 2, size // 3 : size // 2] = 1

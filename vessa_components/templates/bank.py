@@ -434,7 +434,7 @@ class TemplateBank:
         phase_weight: float = 0.0,
         progress: bool = False,
     ) -> TemplateBank:
-        """A bank of the labelled slices of several data sets, as :func:`vessa_components.data.resolve_datasets`
+        """A bank of the labelled slices of several data sets, as :func:`vessa_components.data.stage1.resolve_datasets`
         returns them (``name``, ``modality``, ``class_names``, ``labeled`` each), embedded with ``embed_fn``."""
         bank = cls(image_size, embed_fn, encoder_name, position_weight, phase_weight)
         for dataset in datasets:

@@ -28,6 +28,7 @@ from .demo_abdomenct import make_demo_abdomenct
 from .errors import DataError
 from .h5 import LoadH5, LoadH5d, read_h5
 from .prepare import DATA_LAYOUTS, abdomenct_folders, prepare_dataset
+from .stage1 import foreground_class_names, resolve_datasets
 from .splits import parse_labeled_cases, select_labeled_patients
 
 __all__ = [
@@ -72,4 +73,6 @@ __all__ = [
     "prepare_dataset",
     "parse_labeled_cases",
     "select_labeled_patients",
+    "foreground_class_names",
+    "resolve_datasets",
 ]

@@ -208,11 +208,6 @@ def test_report_from_mlflow_store(tmp_path, fallback_run):
     assert plt.imread(paths["overlay_patient028_frame01"]).shape[0] > 400  # two slice rows
 
 
-@pytest.mark.xfail(
-    strict=True, raises=RuntimeError,
-    reason="MONAI's default trainer handler logs from_engine(['loss'], first=True)(output), a 1-tuple for the "
-    "non-decollated dict output of UniMatchV2Trainer; use the bundle's configs/mlflow_tracking.json",
-)
 def test_monai_default_tracking_mlflow(tmp_path, small_acdc):
     """`--tracking mlflow` (MONAI's own settings): the training loss per iteration and the per-class validation
     metrics in <output_dir>/mlruns.db."""

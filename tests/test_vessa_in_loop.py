@@ -259,7 +259,7 @@ def test_bundle_trains_with_vessa(tmp_path, acdc_root, foundation_ckpt):
     trainer = workflow.parser.get_parsed_content("train#trainer")
     seen = []
     trainer.add_event_handler(
-        Events.ITERATION_COMPLETED, lambda e: seen.append({k: float(e.state.output[k]) for k in ("loss_v", "vessa_weight")})
+        Events.ITERATION_COMPLETED, lambda e: seen.append({k: float(e.state.output[0][k]) for k in ("loss_v", "vessa_weight")})
     )
     workflow.run()
     assert [s["vessa_weight"] for s in seen] == [1.0, 0.5, 0.0]

@@ -237,3 +237,13 @@ def test_teacher_own_batchnorm_statistics(unlabeled):
             device="cpu", max_epochs=1, train_data_loader=[], network=student, teacher=teacher,
             optimizer=torch.optim.SGD(student.parameters(), lr=0.1), loss_function=torch.nn.MSELoss(), teacher_bn_stats="swa",
         )
+
+
+def test_labelled_loader_without_a_batch_is_an_error():
+    """MONAI Label may send fewer labelled volumes than batch_size: say so instead of training 0 iterations."""
+    loader = DataLoader([{"image": torch.zeros(1, 8, 8), "label": torch.zeros(1, 8, 8)}] * 3, batch_size=4, drop_last=True)
+    with pytest.raises(ValueError, match="3 labelled samples for batch_size 4"):
+        UniMatchV2Trainer(
+            device="cpu", max_epochs=1, train_data_loader=loader, network=torch.nn.Conv2d(1, 4, 1),
+            optimizer=torch.optim.SGD(torch.nn.Conv2d(1, 4, 1).parameters(), lr=0.1), loss_function=torch.nn.MSELoss(),
+        )

@@ -208,6 +208,11 @@ class UniMatchV2Trainer(Trainer):
             raise ValueError("UniMatchV2Trainer: an unlabelled loader needs a teacher network for pseudo-labels")
         if teacher_bn_stats not in TEACHER_BN_STATS:
             raise ValueError(f"unknown teacher_bn_stats '{teacher_bn_stats}'; choose one of {TEACHER_BN_STATS}")
+        if isinstance(train_data_loader, DataLoader) and len(train_data_loader) == 0:
+            raise ValueError(
+                f"the labelled loader yields no batch: {len(train_data_loader.dataset)} labelled samples for batch_size "
+                f"{train_data_loader.batch_size} with drop_last; lower batch_size or label more data"
+            )
         if pseudo_label_fusion not in FUSIONS:
             raise ValueError(f"unknown pseudo_label_fusion '{pseudo_label_fusion}'; choose one of {FUSIONS}")
         self.network = network

@@ -173,13 +173,14 @@ def render_demo_patient(
     return phases
 
 
-def _save_nifti(path: Path, data: np.ndarray, spacing: Sequence[float]) -> None:
-    affine = np.diag([*spacing, 1.0])
+def _save_nifti(path: Path, data: np.ndarray, spacing: Sequence[float], descrip: bytes = _NIFTI_DESCRIP) -> None:
+    """Write ``data`` (RAS+ array) with a diagonal affine (nibabel reports RAS), marked synthetic in ``descrip``."""
+    affine = np.diag([*(float(s) for s in spacing), 1.0])
     image = nib.Nifti1Image(data, affine)
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
     image.header.set_xyzt_units("mm", "sec")
-    image.header["descrip"] = _NIFTI_DESCRIP
+    image.header["descrip"] = descrip
     with atomic_path(path) as tmp:
         nib.save(image, tmp)
 

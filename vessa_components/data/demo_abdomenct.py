@@ -20,11 +20,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from ..utils.io import atomic_path, write_text
+from ..utils.io import write_text
 from .abdomenct import (
     ABDOMENCT_HU_WINDOW,
     ABDOMENCT_IMAGE_SUFFIX,
@@ -32,7 +31,7 @@ from .abdomenct import (
     ABDOMENCT_LABELS,
     convert_abdomenct_to_slices,
 )
-from .demo import SYNTHETIC_MARKER, _check_writable, _smooth_field
+from .demo import SYNTHETIC_MARKER, _check_writable, _save_nifti, _smooth_field
 
 __all__ = ["make_demo_abdomenct", "render_demo_abdomen", "write_abdomenct_synthetic_notice"]
 
@@ -173,18 +172,6 @@ def render_demo_abdomen(
     return np.round(np.clip(image, -1024.0, 3071.0)).astype(np.int16), label
 
 
-def _save_nifti(path: Path, data: np.ndarray, spacing: Sequence[float]) -> None:
-    """Write ``data`` (RAS+ array) with a diagonal affine, so nibabel reports the orientation RAS."""
-    affine = np.diag([*(float(s) for s in spacing), 1.0])
-    image = nib.Nifti1Image(data, affine)
-    image.set_qform(affine, code=1)
-    image.set_sform(affine, code=1)
-    image.header.set_xyzt_units("mm", "sec")
-    image.header["descrip"] = _NIFTI_DESCRIP
-    with atomic_path(path) as tmp:
-        nib.save(image, tmp)
-
-
 def write_abdomenct_synthetic_notice(folder: str | os.PathLike, seed: int, n_cases: int, layout: str) -> None:
     """Write ``README.md`` and the ``SYNTHETIC_DEMO_DATA`` marker that label ``folder`` as synthetic CT."""
     text = _NOTICE.format(seed=seed, n_cases=n_cases, layout=layout)
@@ -229,8 +216,8 @@ def make_demo_abdomenct(
         rng = np.random.default_rng([seed, number])
         case = f"Case_{number:05d}"
         image, label = render_demo_abdomen(rng, shape, spacing)
-        _save_nifti(out_root / f"{case}{ABDOMENCT_IMAGE_SUFFIX}", image, spacing)
-        _save_nifti(out_root / f"{case}{ABDOMENCT_LABEL_SUFFIX}", label, spacing)
+        _save_nifti(out_root / f"{case}{ABDOMENCT_IMAGE_SUFFIX}", image, spacing, _NIFTI_DESCRIP)
+        _save_nifti(out_root / f"{case}{ABDOMENCT_LABEL_SUFFIX}", label, spacing, _NIFTI_DESCRIP)
         cases.append(case)
     write_abdomenct_synthetic_notice(out_root, seed, n_cases, "release layout (NIfTI, nnU-Net naming)")
     summary: dict[str, Any] = {"root": out_root, "cases": cases}

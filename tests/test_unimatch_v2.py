@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from vessa_components.engines import UniMatchV2Trainer, unlabeled_data
+from vessa_components.engines import UniMatchV2Trainer, pseudo_label_loss, unlabeled_data
 from vessa_components.handlers import EMATeacher
 from vessa_components.networks import UNet
 from vessa_components.transforms import RandCutMixBoxd, cutmix_with_flipped_batch
@@ -146,6 +146,40 @@ def test_unsupervised_loss_masks_unconfident_pixels():
     expected = torch.log(torch.tensor(4.0)) / 4
     keep = confidence >= trainer.conf_thresh
     assert torch.allclose(trainer.unsupervised_loss(logits, pseudo, keep), expected)
+
+
+def test_dice_pseudo_label_loss_ignores_unkept_pixels_and_weighs_classes_equally():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 8, 8)
+    pseudo = torch.randint(0, 4, (2, 8, 8))
+    keep = torch.rand(2, 8, 8) > 0.5
+    loss = pseudo_label_loss(logits, pseudo, keep, "dice")
+    # what the unkept pixels predict or are labelled does not matter
+    changed_logits, changed_pseudo = logits.clone(), pseudo.clone()
+    changed_logits[~keep.unsqueeze(1).expand_as(logits)] = 9.0
+    changed_pseudo[~keep] = 3
+    assert torch.allclose(pseudo_label_loss(changed_logits, changed_pseudo, keep, "dice"), loss)
+    # a perfect prediction on the kept pixels gives ~0, however few pixels a class has there
+    perfect = 50.0 * torch.nn.functional.one_hot(pseudo, 4).permute(0, 3, 1, 2).float()
+    assert float(pseudo_label_loss(perfect, pseudo, keep, "dice")) < 1e-4
+    assert float(pseudo_label_loss(logits, pseudo, torch.zeros_like(keep), "dice")) == 0.0
+    # missing one small class costs 1/4 of the Dice loss but only its pixel share of the CE
+    small = torch.zeros(1, 8, 8, dtype=torch.long)
+    small[0, :2, :2] = 2
+    miss_small = 50.0 * torch.nn.functional.one_hot(torch.zeros_like(small), 4).permute(0, 3, 1, 2).float()
+    everywhere = torch.ones_like(small, dtype=torch.bool)
+    assert float(pseudo_label_loss(miss_small, small, everywhere, "dice")) > 0.25
+    assert float(pseudo_label_loss(miss_small, small, everywhere, "ce")) < 50.0 * 4 / 64 + 1e-3
+    with pytest.raises(ValueError, match="unknown unlabeled_loss 'focal'"):
+        pseudo_label_loss(logits, pseudo, keep, "focal")
+
+
+def test_trainer_with_dice_unlabeled_loss_trains():
+    trainer, student, _ = _trainer(iterations=2)
+    trainer.unlabeled_loss = "dice"
+    trainer.run()
+    out = trainer.state.output
+    assert torch.isfinite(out["loss"]) and 0.0 <= float(out["loss_u"]) <= 1.0
 
 
 def test_method_choice_and_empty_pool():

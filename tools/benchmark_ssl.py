@@ -66,13 +66,20 @@ def main(
     vessa_no_vlm_ckpt: str = "",
     vessa_train_vlm: str = "frozen",
     vessa_image_size: int = 128,
+    overrides: dict | None = None,
 ) -> None:
-    """Run every method for every seed, then the overhead measurement, and write the tables and the figure."""
+    """Run every method for every seed, then the overhead measurement, and write the tables and the figure.
+
+    ``overrides``: further bundle ids for every run, e.g. ``--overrides '{"unlabeled_loss": "ce", "conf_thresh": 0.9}'``.
+    """
     out = Path(out_dir)
+    if overrides is not None and not isinstance(overrides, dict):
+        raise ValueError(f"--overrides must be a dict of bundle ids, got {overrides!r}")
     common = {
         "dataset_dir": dataset_dir, "data_layout": data_layout, "labeled_cases": labeled_cases,
         "max_iterations": max_iterations, "val_interval": val_interval, "save_interval": max_iterations,
         "roi_size": roi_size, "batch_size": batch_size, "num_workers": num_workers, "show_progress": False,
+        **(overrides or {}),
     }
     vessa = {"vessa_ckpt": vessa_ckpt, "vessa_train_vlm": vessa_train_vlm, "vessa_image_size": vessa_image_size}
     for m in _as_list(methods):  # fail before hours of training, not after

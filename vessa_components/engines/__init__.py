@@ -2,10 +2,12 @@ from .unimatch_v2 import (
     FUSIONS,
     METHODS,
     TEACHER_BN_STATS,
+    UNLABELED_LOSSES,
     UniMatchV2Trainer,
     UnlabeledKeys,
     cycle_loader,
     frozen_batchnorm_stats,
+    pseudo_label_loss,
     unlabeled_data,
 )
 from .vessa_labels import VessaPseudoLabeler, build_vessa_labeler
@@ -15,6 +17,7 @@ __all__ = [
     "FUSIONS",
     "METHODS",
     "TEACHER_BN_STATS",
+    "UNLABELED_LOSSES",
     "UniMatchV2Trainer",
     "UnlabeledKeys",
     "VessaPseudoLabeler",
@@ -22,5 +25,6 @@ __all__ = [
     "build_vessa_labeler",
     "cycle_loader",
     "frozen_batchnorm_stats",
+    "pseudo_label_loss",
     "unlabeled_data",
 ]

@@ -7,8 +7,10 @@ Per iteration, with a labelled batch ``(x, y)`` and an unlabelled batch (weak vi
 2. each strong view gets its partner's content (``flip(0)``) pasted inside its CutMix box, and the pseudo-labels and
    confidences are mixed the same way;
 3. the student predicts ``x`` and, in one pass with complementary channel dropout, ``cat(u_s1, u_s2)``;
-4. ``loss_x = loss_function(pred_x, y)`` (CE + Dice), ``loss_u`` = mean over the two views of the per-pixel CE with the
-   pseudo-label, kept where the teacher's confidence >= ``conf_thresh`` and averaged over all pixels;
+4. ``loss_x = loss_function(pred_x, y)`` (CE + Dice), ``loss_u`` = mean over the two views of the loss against the
+   pseudo-label on the pixels where the teacher's confidence >= ``conf_thresh``: per-pixel CE averaged over all pixels
+   (``unlabeled_loss="ce"``, UniMatch V2) or Dice over the kept pixels (``"dice"``, UniMatch's medical code, which
+   keeps small classes such as the myocardium from being outvoted by the background);
 5. ``loss = (loss_x + loss_u) / 2``; the EMA teacher is updated by :class:`vessa_components.handlers.EMATeacher`.
 
 With VESSA (``vessa``, a :class:`~vessa_components.engines.VessaPseudoLabeler`), VESSA's cached pseudo-label of each
@@ -36,6 +38,8 @@ import torch.nn.functional as F
 from monai.engines.trainer import Trainer
 from monai.engines.utils import IterationEvents, default_metric_cmp_fn, default_prepare_batch
 from monai.inferers import Inferer, SimpleInferer
+from monai.losses import MaskedDiceLoss
+from monai.networks.utils import one_hot
 from monai.transforms import Transform
 from monai.utils import IgniteInfo, min_version, optional_import
 from monai.utils.enums import CommonKeys as Keys
@@ -59,10 +63,12 @@ __all__ = [
     "FUSIONS",
     "METHODS",
     "TEACHER_BN_STATS",
+    "UNLABELED_LOSSES",
     "UniMatchV2Trainer",
     "UnlabeledKeys",
     "cycle_loader",
     "frozen_batchnorm_stats",
+    "pseudo_label_loss",
     "unlabeled_data",
 ]
 
@@ -83,6 +89,7 @@ class UnlabeledKeys:
 
 FUSIONS = ("separate", "confidence", "agreement")
 TEACHER_BN_STATS = ("ema", "own")
+UNLABELED_LOSSES = ("ce", "dice")
 
 
 @contextlib.contextmanager
@@ -109,6 +116,26 @@ def cycle_loader(loader: Iterable) -> Iterator:
             sampler.set_epoch(epoch)
         yield from loader
         epoch += 1
+
+
+# squared_pred with smooth 1e-5 on both sides: the Dice of UniMatch's and SSL4MIS's ACDC code
+_masked_dice = MaskedDiceLoss(softmax=True, squared_pred=True, batch=True)
+
+
+def pseudo_label_loss(logits: torch.Tensor, pseudo: torch.Tensor, keep: torch.Tensor, kind: str = "ce") -> torch.Tensor:
+    """Loss of ``logits`` ``[B, C, H, W]`` against a pseudo-label ``[B, H, W]`` on the pixels where ``keep`` is true.
+
+    ``kind="ce"``: per-pixel cross-entropy, zero elsewhere, averaged over all pixels (so fewer kept pixels weigh less).
+    ``kind="dice"``: soft Dice of the softmax over the kept pixels of the whole batch, averaged over classes
+    (background included); 0 when no pixel is kept.
+    """
+    if kind == "dice":
+        target = one_hot(pseudo.unsqueeze(1), num_classes=logits.shape[1])
+        return _masked_dice(logits.float(), target, keep.unsqueeze(1).float())
+    if kind != "ce":
+        raise ValueError(f"unknown unlabeled_loss '{kind}'; choose one of {UNLABELED_LOSSES}")
+    ce = F.cross_entropy(logits.float(), pseudo, reduction="none")
+    return (ce * keep).mean()
 
 
 class UniMatchV2Trainer(Trainer):
@@ -141,6 +168,10 @@ class UniMatchV2Trainer(Trainer):
         vessa_conf_thresh: VESSA confidence from which its pseudo-label counts.
         vessa_weight: ``lambda_v`` until a handler sets ``engine.state.vessa_weight``.
         pseudo_label_fusion: how teacher and VESSA pseudo-labels combine, one of :data:`FUSIONS`.
+        unlabeled_loss: loss of a strong view against a pseudo-label on its confident pixels, one of
+            :data:`UNLABELED_LOSSES`: ``"ce"`` (UniMatch V2: per-pixel CE, averaged over all pixels) or ``"dice"``
+            (UniMatch's medical code: Dice of the softmax, over the batch, background included, on the kept pixels
+            only). Also used for VESSA's term.
         other arguments: as in ``monai.engines.SupervisedTrainer``.
 
     ``engine.state.output`` holds ``loss``, ``loss_x``, ``loss_u`` and ``mask_ratio`` (share of unlabelled pixels whose
@@ -167,6 +198,7 @@ class UniMatchV2Trainer(Trainer):
         vessa_conf_thresh: float = 0.9,
         vessa_weight: float = 1.0,
         pseudo_label_fusion: str = "separate",
+        unlabeled_loss: str = "ce",
         non_blocking: bool = False,
         prepare_batch: Callable = default_prepare_batch,
         iteration_update: Callable[[Engine, Any], Any] | None = None,
@@ -215,6 +247,8 @@ class UniMatchV2Trainer(Trainer):
             )
         if pseudo_label_fusion not in FUSIONS:
             raise ValueError(f"unknown pseudo_label_fusion '{pseudo_label_fusion}'; choose one of {FUSIONS}")
+        if unlabeled_loss not in UNLABELED_LOSSES:
+            raise ValueError(f"unknown unlabeled_loss '{unlabeled_loss}'; choose one of {UNLABELED_LOSSES}")
         self.network = network
         self.teacher = teacher
         self.optimizer = optimizer
@@ -229,6 +263,7 @@ class UniMatchV2Trainer(Trainer):
         self.vessa = vessa
         self.vessa_conf_thresh = vessa_conf_thresh
         self.pseudo_label_fusion = pseudo_label_fusion
+        self.unlabeled_loss = unlabeled_loss
         self.state.vessa_weight = vessa_weight
         self._unlabeled_batches = None if unlabeled_data_loader is None else cycle_loader(unlabeled_data_loader)
         if self.teacher is not None:
@@ -261,9 +296,9 @@ class UniMatchV2Trainer(Trainer):
         return self.teacher_probabilities(images).max(dim=1)
 
     def unsupervised_loss(self, logits: torch.Tensor, pseudo: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """Per-pixel CE with the pseudo-label, zero where ``keep`` is false, averaged over all pixels."""
-        ce = F.cross_entropy(logits.float(), pseudo, reduction="none")
-        return (ce * keep).mean()
+        """Loss of ``logits`` ``[B, C, H, W]`` against the pseudo-label ``[B, H, W]`` where ``keep`` is true: per-pixel
+        CE averaged over all pixels, or the Dice of the kept pixels (see ``unlabeled_loss``)."""
+        return pseudo_label_loss(logits, pseudo, keep, self.unlabeled_loss)
 
     @torch.no_grad()
     def vessa_pseudo_label(self, unlabeled: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from ..engines import UniMatchV2Trainer, frozen_batchnorm_stats
+from ..engines import UniMatchV2Trainer, frozen_batchnorm_stats, pseudo_label_loss
 from ..transforms.ssl import cutmix_with_flipped_batch
 
 __all__ = ["bare_unimatch_v2_step", "run_method", "measure_overhead", "summarize_runs", "format_results"]
@@ -113,10 +112,11 @@ def bare_unimatch_v2_step(
     ema_decay: float,
     iteration: int,
     teacher_bn_stats: str = "ema",
+    unlabeled_loss: str = "ce",
 ) -> float:
     """One UniMatch V2 step written as a plain PyTorch loop body: the reference the trainer's overhead is measured
-    against (same network, batches and augmentations; no Ignite, no handlers). ``teacher_bn_stats`` as in
-    :class:`~vessa_components.engines.UniMatchV2Trainer`."""
+    against (same network, batches and augmentations; no Ignite, no handlers). ``teacher_bn_stats`` and
+    ``unlabeled_loss`` as in :class:`~vessa_components.engines.UniMatchV2Trainer`."""
     x, y = labeled["image"], labeled["label"]
     with torch.no_grad():
         teacher.train(teacher_bn_stats == "own")
@@ -132,8 +132,8 @@ def bare_unimatch_v2_step(
         pred_s1, pred_s2 = student(strong, comp_drop=True).chunk(2)
     loss_u = 0.0
     for pred, box in ((pred_s1, box1), (pred_s2, box2)):
-        ce = F.cross_entropy(pred, cutmix_with_flipped_batch(pseudo_w, box), reduction="none")
-        loss_u = loss_u + (ce * (cutmix_with_flipped_batch(conf_w, box) >= conf_thresh)).mean() / 2
+        pseudo, keep = cutmix_with_flipped_batch(pseudo_w, box), cutmix_with_flipped_batch(conf_w, box) >= conf_thresh
+        loss_u = loss_u + pseudo_label_loss(pred, pseudo, keep, unlabeled_loss) / 2
     loss = (loss_x + loss_u) / 2
     loss.backward()
     optimizer.step()
@@ -159,6 +159,7 @@ def _overhead(output_dir: str, iterations: int, overrides: dict[str, Any], queue
     optimizer, loss_function = parser.get_parsed_content("optimizer"), parser.get_parsed_content("loss")
     conf_thresh, ema_decay = parser.get_parsed_content("conf_thresh"), parser.get_parsed_content("ema_decay")
     teacher_bn_stats = parser.get_parsed_content("teacher_bn_stats")
+    unlabeled_loss = parser.get_parsed_content("unlabeled_loss")
 
     def bare(n: int) -> list[float]:
         stamps = []
@@ -166,7 +167,7 @@ def _overhead(output_dir: str, iterations: int, overrides: dict[str, Any], queue
         for i in range(n):
             bare_unimatch_v2_step(
                 student, teacher, optimizer, loss_function, next(labeled_iter), next(unlabeled_iter),
-                conf_thresh, ema_decay, i, teacher_bn_stats,
+                conf_thresh, ema_decay, i, teacher_bn_stats, unlabeled_loss,
             )
             stamps.append(time.perf_counter())
         return [b - a for a, b in zip(stamps, stamps[1:])]

@@ -1,9 +1,11 @@
 """The vessa_ssl_abdomenct bundle: train, evaluate and infer on the synthetic CT demo set (the no-download default)
-and on the one real CT of ../shared/data/abdomen_ct_example (TotalSegmentator labels remapped), and bad input."""
+and on the one real CT of ../shared/data/abdomen_ct_example (TotalSegmentator labels remapped), method=vessa with
+the weights and template bank of a vessa_foundation run on the same CT, and bad input."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import h5py
@@ -15,13 +17,16 @@ from monai.bundle import ConfigWorkflow
 
 from vessa_components.data import (
     ABDOMENCT_CLASS_NAMES,
+    ACDC_CLASS_NAMES,
     SYNTHETIC_MARKER,
     TOTALSEGMENTATOR_TO_ABDOMENCT1K,
     DataError,
     make_demo_abdomenct,
+    make_slice_datalist,
 )
 from vessa_components.metrics import compute_volume_metrics
 from vessa_components.networks import build_student
+from vessa_components.templates import TemplateBank
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = REPO_ROOT / "bundles" / "vessa_ssl_abdomenct"
@@ -32,6 +37,11 @@ CT_NAME, SEG_NAME = "example_ct_sm.nii.gz", "example_seg.nii.gz"
 #: the real example's files, and its TotalSegmentator ids written as AbdomenCT-1K class names
 REAL_EXAMPLE = {"data_layout": "abdomenct", "image_suffix": "_ct_sm.nii.gz", "label_suffix": "_seg.nii.gz"}
 BY_CLASS_NAME = {"5": "liver", "2": "kidney", "3": "kidney", "1": "spleen", "7": "pancreas"}
+#: two training cases of the demo set (Case_00007 and Case_00010 are its validation cases): Stage 1 takes each
+#: template from another patient, so it needs two labelled cases, and Stage 2 must label the same ones
+VESSA_LABELED = "Case_00002,Case_00003"
+#: the settings of the tiny VESSA: no VLM, 64-pixel slices
+VESSA_TINY = {"vessa_train_vlm": "off", "vessa_image_size": 64}
 
 
 def _workflow(configs, workflow_type, output_dir, dataset_dir, **overrides) -> ConfigWorkflow:
@@ -245,3 +255,85 @@ def test_bad_settings_and_empty_inputs(tmp_path, demo_dir):
     chain = _raised(infer)
     assert any(isinstance(e, DataError) and "no input file matches '*.nii*'" in str(e) for e in chain), chain
     assert (demo_dir / SYNTHETIC_MARKER).is_file()
+
+
+@pytest.fixture(scope="module")
+def ct_foundation(tmp_path_factory, demo_dir) -> Path:
+    """A one-iteration vessa_foundation run on the demo CT (its models/model.pt and template_bank/), labelled cases
+    VESSA_LABELED, as the README's recipe for method=vessa runs it."""
+    out = tmp_path_factory.mktemp("ct_foundation")
+    foundation = REPO_ROOT / "bundles" / "vessa_foundation"
+    workflow = ConfigWorkflow(
+        config_file=str(foundation / "configs" / "train.json"), workflow_type="train", bundle_root=str(foundation),
+        output_dir=str(out), dataset_dir=str(demo_dir), data_layout="abdomenct_demo", labeled_cases=VESSA_LABELED,
+        dataset_name="abdomenct", modality="CT", class_names=list(ABDOMENCT_CLASS_NAMES), train_vlm="off",
+        image_size=VESSA_TINY["vessa_image_size"], max_iterations=1, val_interval=1, save_interval=1,
+        batch_size=2, num_workers=0, cache_rate=0.0, show_progress=False,
+    )  # fmt: skip
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    assert (out / "models" / "model.pt").is_file() and (out / "template_bank").is_dir()
+    return out
+
+
+def test_demo_train_with_vessa(tmp_path, demo_dir, ct_foundation):
+    from ignite.engine import Events
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    train = _workflow(
+        ["train.json"], "train", out, demo_dir, method="vessa", labeled_cases=VESSA_LABELED,
+        vessa_ckpt=str(ct_foundation / "models" / "model.pt"), template_bank=str(ct_foundation / "template_bank"),
+        max_iterations=3, val_interval=3, save_interval=3, feedback_start=2, vessa_decay_iterations=2,
+        vessa_conf_thresh=0.0, **VESSA_TINY,
+    )  # fmt: skip
+    assert not train.check_properties()
+    trainer = train.parser.get_parsed_content("train#trainer")
+    keys = ("loss_v", "mask_ratio_v", "vessa_weight", "vessa_cache_size")
+    seen = []
+    trainer.add_event_handler(
+        Events.ITERATION_COMPLETED, lambda e: seen.append({k: float(e.state.output[0][k]) for k in keys})
+    )
+    train.run()
+    # a threshold of 0 keeps every VESSA pixel: loss_v is a real, finite term, weighted 1 -> 0 over two iterations
+    assert [s["vessa_weight"] for s in seen] == [1.0, 0.5, 0.0]
+    assert all(math.isfinite(s["loss_v"]) and s["loss_v"] > 0 and s["mask_ratio_v"] == 1.0 for s in seen)
+    labeler = train.parser.get_parsed_content("train#vessa_labeler")
+    batch = FAST["batch_size"]
+    # the first epoch over the 144 unlabelled slices draws no slice twice: each is computed once and cached
+    assert len(labeler) == seen[-1]["vessa_cache_size"] == labeler.misses == 3 * batch and labeler.hits == 0
+    scalars = set()
+    for events in (out / "logs").iterdir():
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        scalars |= set(accumulator.Tags()["scalars"])
+    assert {"loss_v", "mask_ratio_v", "vessa_weight", "vessa_cache_size", "vessa_hit_rate"} <= scalars
+    assert (out / "models" / "model.pt").is_file()
+    train.finalize()
+
+
+def test_vessa_bad_template_bank(tmp_path, demo_dir, ct_foundation, acdc_root):
+    """A bank that does not fit the run stops it before training, with a message naming the mismatch."""
+    acdc_labeled = make_slice_datalist(acdc_root, labeled_cases=1)["labeled"][:2]
+    acdc_bank = TemplateBank.from_datalist(acdc_labeled, "acdc", "MRI", ACDC_CLASS_NAMES, image_size=64)
+    ct_slices = ct_foundation / "prepared_data" / "abdomenct_demo_ssl4mis"
+    ct_labeled = make_slice_datalist(ct_slices, labeled_cases=VESSA_LABELED)["labeled"][::8]
+    renamed = ["background", "liver", "kidneys", "spleen", "pancreas"]
+    renamed_bank = TemplateBank.from_datalist(ct_labeled, "abdomenct", "CT", renamed, image_size=64)
+    cases = [
+        # a bank of an ACDC foundation run
+        (acdc_bank.save(tmp_path / "acdc_bank"), {"labeled_cases": VESSA_LABELED}, "has no data set 'abdomenct'"),
+        (renamed_bank.save(tmp_path / "renamed_bank"), {"labeled_cases": VESSA_LABELED}, "has classes"),
+        # the foundation's own bank, but this run labels the default 5 % (one case) instead of the same two cases
+        (ct_foundation / "template_bank", {}, "that are not labelled in this run"),
+    ]
+    out = tmp_path / "run"  # one output folder for all cases, so the data are converted once
+    for bank, overrides, message in cases:
+        workflow = _workflow(
+            ["train.json"], "train", out, demo_dir, method="vessa", template_bank=str(bank),
+            vessa_ckpt=str(ct_foundation / "models" / "model.pt"), **VESSA_TINY, **TINY_RUN, **overrides,
+        )  # fmt: skip
+        chain = _raised(workflow)
+        assert any(isinstance(e, ValueError) and message in str(e) for e in chain), chain
+    assert not (out / "models").exists() and not (out / "checkpoints").exists()

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Serve a VESSA bundle in MONAI Label (the `monaibundle` sample app), for 3D Slicer, OHIF or any HTTP client.
+# Serve a VESSA bundle in MONAI Label (the `monaibundle` sample app, with tools/monailabel_app/main.py on top so a
+# failed request gets an HTTP error with its reason), for 3D Slicer, OHIF or any HTTP client.
 #
 #   bash docs/run_monailabel.sh STUDIES_DIR [PORT]
 #
@@ -8,7 +9,7 @@
 # copy a trained one there). Settings from the environment:
 #   BUNDLE_DIR   bundle folder to serve (default: bundles/vessa_ssl_acdc of this repository); its folder name is the
 #                model name in MONAI Label (/infer/<name>, /train/<name>)
-#   APP_DIR      where the monaibundle sample app is put (default: .venv-monailabel/apps/monaibundle)
+#   APP_DIR      where the app is put (default: .venv-monailabel/apps/vessa)
 #   HOST         address to listen on (default 127.0.0.1)
 #
 # MONAI Label conflicts with the main .venv, so it lives in its own environment (.venv-monailabel), created on first
@@ -20,7 +21,7 @@ STUDIES="${1:?usage: bash docs/run_monailabel.sh STUDIES_DIR [PORT]}"
 PORT="${2:-8000}"
 HOST="${HOST:-127.0.0.1}"
 BUNDLE_DIR="$(cd "${BUNDLE_DIR:-$REPO/bundles/vessa_ssl_acdc}" && pwd)"
-APP_DIR="${APP_DIR:-$REPO/.venv-monailabel/apps/monaibundle}"
+APP_DIR="${APP_DIR:-$REPO/.venv-monailabel/apps/vessa}"
 PY="$REPO/.venv-monailabel/bin/python"
 MODEL="$(basename "$BUNDLE_DIR")"
 
@@ -29,11 +30,17 @@ if [ ! -f "$BUNDLE_DIR/models/model.pt" ]; then
     echo "no $BUNDLE_DIR/models/model.pt: train the bundle first (see README.md)" >&2
     exit 1
 fi
-if [ ! -f "$APP_DIR/main.py" ]; then
+if [ ! -f "$APP_DIR/monaibundle_main.py" ]; then
     # the sample apps ship inside the monailabel package: this copies one, no download
-    "$PY" -m monailabel.main apps --download --name monaibundle --output "$(dirname "$APP_DIR")"
-    [ "$(basename "$APP_DIR")" = monaibundle ] || mv "$(dirname "$APP_DIR")/monaibundle" "$APP_DIR"
+    SAMPLES="$(mktemp -d)"
+    "$PY" -m monailabel.main apps --download --name monaibundle --output "$SAMPLES"
+    mkdir -p "$(dirname "$APP_DIR")"
+    rm -rf "$APP_DIR"
+    mv "$SAMPLES/monaibundle" "$APP_DIR"
+    mv "$APP_DIR/main.py" "$APP_DIR/monaibundle_main.py"
+    rm -rf "$SAMPLES"
 fi
+cp "$REPO/tools/monailabel_app/main.py" "$APP_DIR/main.py"
 mkdir -p "$APP_DIR/model" "$STUDIES"
 ln -sfn "$BUNDLE_DIR" "$APP_DIR/model/$MODEL"
 exec "$PY" -m monailabel.main start_server --app "$APP_DIR" --studies "$STUDIES" \

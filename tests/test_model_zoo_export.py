@@ -16,17 +16,20 @@ import torch
 import yaml
 from monai.bundle import ConfigParser
 
-from vessa_components.bundle import BundleCheckError, check_metadata_schema, export_model_zoo
+from vessa_components.bundle import BundleCheckError, check_metadata_schema, export_model_zoo, inference_data_paths
+from vessa_components.data import ACDC_CLASS_NAMES, make_slice_datalist
+from vessa_components.templates import TemplateBank
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLES = sorted(p.parents[1].name for p in (REPO_ROOT / "bundles").glob("*/configs/metadata.json"))
-# bundles whose network_def cannot be scripted (their docs/README.md says so); every other bundle must export
-NOT_SCRIPTABLE: set[str] = set()
+# bundles whose network cannot be scripted (their docs/README.md says so); every other bundle must export
+NOT_SCRIPTABLE: set[str] = {"vessa_foundation"}
+# the network that network_data_format describes, where it is not network_def (the Model Zoo's custom_net_config_dict)
+NET_IDS: dict[str, str] = {"vessa_foundation": "segmenter"}
+# bundles whose inference reads the template bank that training writes into the bundle (output_dir)
+WITH_TEMPLATE_BANK: set[str] = {"vessa_foundation"}
 # known gaps, strict: the case fails loudly once the bundle passes, so that the entry is removed
-KNOWN_GAPS = {
-    "vessa_foundation": "metadata.json names the 2022 schema URL, and inference.json needs a template bank folder "
-    "that training writes (a release must ship it: export with include=['template_bank'])",
-}
+KNOWN_GAPS: dict[str, str] = {}
 
 
 def _bundle_cases():
@@ -36,14 +39,27 @@ def _bundle_cases():
     ]
 
 
-def _stage_bundle(name: str, dst: Path) -> Path:
+def _write_template_bank(bundle: Path, acdc_root: Path) -> None:
+    """``template_bank/`` as a vessa_foundation run on ACDC writes it (thumbnail encoder; real labelled slices of one
+    patient), at the slice size of the bundle's network_data_format."""
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    size = meta["network_data_format"]["inputs"]["image"]["spatial_shape"][0]
+    labeled = make_slice_datalist(acdc_root, labeled_cases="099")["labeled"][::4]
+    TemplateBank.from_datalist(labeled, "acdc", "MRI", ACDC_CLASS_NAMES, image_size=size).save(bundle / "template_bank")
+
+
+def _stage_bundle(name: str, dst: Path, acdc_root: Path | None = None) -> Path:
     """A copy of the bundle's shipped files in ``dst/<name>`` with ``models/model.pt`` = the state_dict of its
-    ``network_def`` (random weights: the checks are about form, not accuracy)."""
+    ``network_def`` (random weights: the checks are about form, not accuracy) and, for bundles of
+    ``WITH_TEMPLATE_BANK``, a template bank built from ``acdc_root``: the bundle as training in place leaves it."""
     src, bundle = REPO_ROOT / "bundles" / name, dst / name
     for sub in ("configs", "docs"):
         shutil.copytree(src / sub, bundle / sub)
     if (src / "LICENSE").is_file():
         shutil.copy(src / "LICENSE", bundle / "LICENSE")
+    if name in WITH_TEMPLATE_BANK:
+        assert acdc_root is not None, f"{name} needs a template bank: pass acdc_root"
+        _write_template_bank(bundle, acdc_root)
     parser = ConfigParser()
     parser.read_config(str(bundle / "configs" / "inference.json"))
     parser["bundle_root"] = str(bundle)
@@ -70,11 +86,25 @@ def test_repository_metadata_follows_schema(name):
     check_metadata_schema(REPO_ROOT / "bundles" / name / "configs" / "metadata.json")
 
 
+def _network(bundle: Path, net_id: str) -> torch.nn.Module:
+    """``net_id`` of the bundle's inference config on the CPU, in eval mode, with ``models/model.pt`` loaded into
+    ``network_def`` (which ``net_id`` wraps when it is not ``network_def`` itself)."""
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "inference.json"))
+    parser["bundle_root"] = str(bundle)
+    parser["device"] = "cpu"
+    parser.get_parsed_content("network_def").load_state_dict(
+        torch.load(bundle / "models" / "model.pt", weights_only=True)
+    )
+    return parser.get_parsed_content(net_id).to("cpu").eval()
+
+
 @pytest.mark.parametrize("name", _bundle_cases())
-def test_model_zoo_checks_and_release_zip(tmp_path, name):
-    bundle = _stage_bundle(name, tmp_path / "src")
-    scriptable = name not in NOT_SCRIPTABLE
-    result = export_model_zoo(bundle, output_dir=tmp_path / "dist", torchscript=scriptable)
+def test_model_zoo_checks_and_release_zip(request, tmp_path, name):
+    acdc_root = request.getfixturevalue("acdc_root") if name in WITH_TEMPLATE_BANK else None
+    bundle = _stage_bundle(name, tmp_path / "src", acdc_root)
+    scriptable, net_id = name not in NOT_SCRIPTABLE, NET_IDS.get(name, "network_def")
+    result = export_model_zoo(bundle, output_dir=tmp_path / "dist", torchscript=scriptable, net_id=net_id)
 
     meta = json.loads((bundle / "configs" / "metadata.json").read_text())
     assert result.version == meta["version"] and result.changes == meta["changelog"][meta["version"]]
@@ -82,6 +112,10 @@ def test_model_zoo_checks_and_release_zip(tmp_path, name):
     expected = {f"configs/{p.name}" for p in (bundle / "configs").iterdir()}
     expected |= {f"docs/{p.name}" for p in (bundle / "docs").iterdir()}
     expected |= {"LICENSE", "models/model.pt"} | ({"models/model.ts"} if scriptable else set())
+    if name in WITH_TEMPLATE_BANK:  # the bank inference reads is shipped, without asking for it
+        bank_files = {p.relative_to(bundle).as_posix() for p in (bundle / "template_bank").rglob("*") if p.is_file()}
+        assert "template_bank/index.json" in bank_files
+        expected |= bank_files
     with zipfile.ZipFile(result.zip_path) as archive:
         assert set(archive.namelist()) == {f"{name}/{rel}" for rel in expected}  # the bundle folder at the zip's root
         assert meta["changelog"][meta["version"]] in archive.comment.decode()
@@ -91,17 +125,56 @@ def test_model_zoo_checks_and_release_zip(tmp_path, name):
 
     shipped = tmp_path / "unzipped" / name
     assert (shipped / "models" / "model.pt").read_bytes() == (bundle / "models" / "model.pt").read_bytes()
-    if scriptable:
-        parser = ConfigParser()
-        parser.read_config(str(shipped / "configs" / "inference.json"))
-        parser["bundle_root"] = str(shipped)
-        network = parser.get_parsed_content("network_def").eval()
-        network.load_state_dict(torch.load(shipped / "models" / "model.pt", weights_only=True))
-        spec = meta["network_data_format"]["inputs"]["image"]
-        x = torch.rand(1, spec["num_channels"], *[s if isinstance(s, int) else 16 for s in spec["spatial_shape"]])
-        with torch.no_grad():
-            torch.testing.assert_close(torch.jit.load(str(shipped / "models" / "model.ts"))(x), network(x))
-        assert result.checks[-1] == "torchscript export and load"
+    # the unzipped release runs on its own (its configs, weights and bank) and gives what the source bundle gives
+    network = _network(shipped, net_id)
+    spec, out_spec = meta["network_data_format"]["inputs"]["image"], meta["network_data_format"]["outputs"]["pred"]
+    x = torch.rand(1, spec["num_channels"], *[s if isinstance(s, int) else 16 for s in spec["spatial_shape"]])
+    with torch.no_grad():
+        out = network(x)
+        assert out.shape == (1, out_spec["num_channels"], *x.shape[2:])
+        torch.testing.assert_close(out, _network(bundle, net_id)(x))
+        if scriptable:
+            torch.testing.assert_close(torch.jit.load(str(shipped / "models" / "model.ts"))(x), out)
+    assert result.checks[-1] == ("torchscript export and load" if scriptable else "network in/out")
+    if not scriptable:
+        assert "torchscript" in (shipped / "docs" / "README.md").read_text().lower()
+
+
+def test_foundation_release_takes_weights_and_bank_from_the_run(tmp_path, acdc_root):
+    """Training writes models/model.pt and template_bank/ to its output_dir; the release takes both from run_dir,
+    and names what is missing or cannot be shipped."""
+    bundle = _stage_bundle("vessa_foundation", tmp_path / "src", acdc_root)
+    assert inference_data_paths(bundle) == {"template_bank": "template_bank"}
+    assert inference_data_paths(REPO_ROOT / "bundles" / "vessa_ssl_acdc") == {}
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.move(bundle / "template_bank", run / "template_bank")
+    options = {"output_dir": tmp_path / "dist", "torchscript": False, "net_id": "segmenter"}
+    missing_bank = "'template_bank' of configs/inference.json reads template_bank.*run_dir"
+    with pytest.raises(BundleCheckError, match=missing_bank):
+        export_model_zoo(bundle, **options)
+    shutil.move(bundle / "models", run / "models")
+    with pytest.raises(BundleCheckError, match=r"weights .*models/model.pt not found"):
+        export_model_zoo(bundle, **options)
+    wrong_net = "'network_def' of configs/inference.json does not match.*pass its id as net_id"
+    with pytest.raises(BundleCheckError, match=wrong_net):
+        export_model_zoo(bundle, run_dir=run, **{**options, "net_id": "network_def"})
+    assert not list((tmp_path / "dist").glob("*.zip"))
+
+    result = export_model_zoo(bundle, run_dir=run, **options)
+    with zipfile.ZipFile(result.zip_path) as archive:
+        assert archive.read("vessa_foundation/models/model.pt") == (run / "models" / "model.pt").read_bytes()
+        shipped_index = archive.read("vessa_foundation/template_bank/index.json")
+    assert shipped_index == (run / "template_bank" / "index.json").read_bytes()
+    assert "template_bank/index.json" in result.files
+
+    path = bundle / "configs" / "inference.json"
+    config = json.loads(path.read_text())
+    config["template_bank"] = str(tmp_path / "elsewhere")
+    path.write_text(json.dumps(config))
+    outside = "'template_bank' of configs/inference.json names .*not a path inside the bundle"
+    with pytest.raises(BundleCheckError, match=outside):
+        export_model_zoo(bundle, run_dir=run, **options)
 
 
 def _break_license(bundle):
@@ -207,6 +280,28 @@ def test_export_tool_command_line(tmp_path):
     assert ok.returncode == 0, ok.stderr[-3000:]
     assert "passed: necessary files, version in changelog, metadata schema" in ok.stdout
     assert list((tmp_path / "dist").glob("vessa_ssl_acdc_v*.zip"))
+
+
+@pytest.mark.slow
+def test_export_tool_command_line_foundation_run(tmp_path, acdc_root):
+    """The bundle README's command: weights and bank of a run folder, in/out check on segmenter, no TorchScript."""
+    bundle = _stage_bundle("vessa_foundation", tmp_path / "src", acdc_root)
+    run = tmp_path / "run"
+    run.mkdir()
+    for sub in ("models", "template_bank"):
+        shutil.move(bundle / sub, run / sub)
+    command = [
+        sys.executable, str(REPO_ROOT / "tools" / "export_model_zoo.py"), str(bundle), "--run_dir", str(run),
+        "--torchscript", "False", "--net_id", "segmenter", "--output_dir", str(tmp_path / "dist"),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ok = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    checks = "necessary files, version in changelog, metadata schema, inference properties, network in/out"
+    assert f"passed: {checks}\n" in ok.stdout
+    (zip_path,) = (tmp_path / "dist").glob("vessa_foundation_v*.zip")
+    with zipfile.ZipFile(zip_path) as archive:
+        assert "vessa_foundation/template_bank/index.json" in archive.namelist()
 
 
 def test_included_folder_is_checked_and_shipped(tmp_path):

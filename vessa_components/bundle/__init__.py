@@ -1,6 +1,7 @@
 """Bundle-level tools: the MONAI Model Zoo checks and release zip (:mod:`.export`)."""
 
 from .export import (
+    BUNDLE_DATA_IDS,
     NECESSARY_FILES,
     SCHEMA_DIR,
     BundleCheckError,
@@ -12,11 +13,13 @@ from .export import (
     check_torchscript,
     check_version_changelog,
     export_model_zoo,
+    inference_data_paths,
     load_metadata,
     schema_file_for,
 )
 
 __all__ = [
+    "BUNDLE_DATA_IDS",
     "NECESSARY_FILES",
     "SCHEMA_DIR",
     "BundleCheckError",
@@ -28,6 +31,7 @@ __all__ = [
     "check_torchscript",
     "check_version_changelog",
     "export_model_zoo",
+    "inference_data_paths",
     "load_metadata",
     "schema_file_for",
 ]

@@ -3,9 +3,12 @@
 The Model Zoo's CI (``ci/verify_bundle.py``) checks, for a bundle folder: the necessary files, that ``version`` is a
 key of ``changelog``, ``monai.bundle.verify_metadata`` against the schema named in ``metadata.json``,
 ``monai.bundle.verify_net_in_out`` for ``network_def`` of ``configs/inference.json``, and ``monai.bundle.ckpt_export``
-to TorchScript with the exported file loaded back. :func:`export_model_zoo` runs the same checks on a staged copy of
-the bundle (so what is checked is exactly what is shipped) and writes ``<name>_v<version>.zip`` with the bundle folder
-at its root, as the MONAI Bundle Specification's archive format asks.
+to TorchScript with the exported file loaded back (the Model Zoo's ``custom_net_config_dict`` may name another
+``net_id`` for both, and its ``exclude_verify_torchscript_list`` skips the export for networks that cannot be
+scripted). :func:`export_model_zoo` runs the same checks on a staged copy of the bundle (so what is checked is exactly
+what is shipped) and writes ``<name>_v<version>.zip`` with the bundle folder at its root, as the MONAI Bundle
+Specification's archive format asks. Data that training writes into the bundle and inference reads (a template bank,
+named by the inference config's ``template_bank``) is shipped too.
 
 The published schema cannot be downloaded here, so the schema files are shipped in ``vessa_components/bundle/schema``
 under the file name of the URL they stand for; ``verify_metadata`` is given that file, which it then does not download.
@@ -31,6 +34,7 @@ from monai.bundle import ConfigParser, ConfigWorkflow, ckpt_export, verify_metad
 from ..utils.io import atomic_path
 
 __all__ = [
+    "BUNDLE_DATA_IDS",
     "NECESSARY_FILES",
     "SCHEMA_DIR",
     "BundleCheckError",
@@ -42,6 +46,7 @@ __all__ = [
     "check_torchscript",
     "check_version_changelog",
     "export_model_zoo",
+    "inference_data_paths",
     "load_metadata",
     "schema_file_for",
 ]
@@ -51,6 +56,10 @@ SCHEMA_DIR = Path(__file__).resolve().parent / "schema"
 
 NECESSARY_FILES: tuple[str, ...] = ("configs/metadata.json", "configs/inference.json", "LICENSE", "docs/README.md")
 """Files every bundle must have (the Model Zoo's necessary and preferred files, and the README it asks for)."""
+
+BUNDLE_DATA_IDS: tuple[str, ...] = ("template_bank",)
+"""Ids of an inference config that name data training writes under the bundle's ``output_dir`` and inference reads
+from ``bundle_root`` (vessa_foundation's template bank): a release ships what they name."""
 
 META_FILE = "configs/metadata.json"
 INFERENCE_FILE = "configs/inference.json"
@@ -165,6 +174,48 @@ def check_metadata_schema(meta_file: str | os.PathLike, schema_dir: str | os.Pat
     return schema
 
 
+def inference_data_paths(
+    bundle_dir: str | os.PathLike, config_file: str = INFERENCE_FILE, ids: Sequence[str] = BUNDLE_DATA_IDS
+) -> dict[str, str]:
+    """The data the inference config reads from the bundle folder: ``{id: bundle-relative path}`` for each id of
+    ``ids`` that ``config_file`` defines with a non-empty value (evaluated with ``bundle_root`` = ``bundle_dir``).
+
+    Raises:
+        BundleCheckError: the config cannot be read, or such an id names a path outside the bundle folder (a release
+            can only ship what is under ``bundle_root``).
+    """
+    bundle_dir = Path(bundle_dir).resolve()
+    parser = ConfigParser()
+    try:
+        parser.read_config(str(bundle_dir / config_file))
+    except Exception as e:
+        raise BundleCheckError(
+            f"bundle {bundle_dir.name}: {config_file} cannot be read: {type(e).__name__}: {e}"
+        ) from e
+    present = [i for i in ids if i in parser]
+    if not present:
+        return {}
+    parser["bundle_root"] = str(bundle_dir)
+    paths: dict[str, str] = {}
+    for data_id in present:
+        try:
+            value = parser.get_parsed_content(data_id)
+        except Exception as e:
+            raise BundleCheckError(
+                f"bundle {bundle_dir.name}: '{data_id}' of {config_file} cannot be evaluated: {type(e).__name__}: {e}"
+            ) from e
+        if not value:
+            continue
+        path = (bundle_dir / str(value)).resolve()
+        if not path.is_relative_to(bundle_dir) or path == bundle_dir:
+            raise BundleCheckError(
+                f"bundle {bundle_dir.name}: '{data_id}' of {config_file} names {value}, not a path inside the bundle "
+                f"folder; a release ships only what is under bundle_root (write it as \"$@bundle_root + '/...'\")"
+            )
+        paths[data_id] = path.relative_to(bundle_dir).as_posix()
+    return paths
+
+
 def check_network_in_out(
     bundle_dir: str | os.PathLike,
     config_file: str = INFERENCE_FILE,
@@ -185,7 +236,8 @@ def check_network_in_out(
     except Exception as e:  # any failure to build or run the network is a failed check, reported with its cause
         raise BundleCheckError(
             f"bundle {bundle_dir.name}: '{net_id}' of {config_file} does not match network_data_format of "
-            f"{META_FILE}: {type(e).__name__}: {e}"
+            f"{META_FILE}: {type(e).__name__}: {e} (if network_data_format describes another network of the config, "
+            "pass its id as net_id, as the Model Zoo's custom_net_config_dict does)"
         ) from e
 
 
@@ -270,11 +322,11 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _stage(bundle_dir: Path, stage: Path, ckpt_file: Path, include: Sequence[str] = ()) -> None:
-    """Copy what a release holds (configs, docs, LICENSE, the weights, the ``include`` paths) into ``stage``."""
+def _stage(bundle_dir: Path, stage: Path, ckpt_file: Path, extra: dict[str, Path]) -> None:
+    """Copy what a release holds (configs, docs, LICENSE, the weights, the ``extra`` paths: bundle-relative path ->
+    source) into ``stage``."""
     ignore = shutil.ignore_patterns(".*", "__pycache__")
-    for rel in include:
-        src = bundle_dir / rel
+    for rel, src in extra.items():
         if not src.exists():
             raise BundleCheckError(f"bundle {bundle_dir.name}: included path {src} not found")
         if src.is_dir():
@@ -298,21 +350,28 @@ def export_model_zoo(
     max_file_mb: float = 25.0,
     large_files_url: str = "",
     include: Sequence[str] = (),
+    net_id: str = "network_def",
+    run_dir: str | os.PathLike | None = None,
 ) -> ModelZooExport:
     """Run the Model Zoo's checks on ``bundle_dir`` and write its release zip to ``output_dir``.
 
     Args:
         bundle_dir: the bundle folder (its name is the bundle's name).
         output_dir: where ``<name>_v<version>.zip`` (and any large files) are written.
-        ckpt_file: the weights (a flat ``state_dict`` of ``network_def``); default ``<bundle_dir>/models/model.pt``.
+        ckpt_file: the weights (a flat ``state_dict`` of ``network_def``); default ``<run_dir>/models/model.pt``.
         torchscript: export and check ``models/model.ts``; ``False`` for networks that cannot be scripted, in which
             case ``docs/README.md`` must say so (it must mention TorchScript), as the Model Zoo asks.
         device: device for the network in/out check.
         max_file_mb: files larger than this (MB) are not put in the zip but listed in ``large_files.yml`` (the Model
             Zoo keeps large weights out of its repository and downloads them from the listed URL).
         large_files_url: base URL where the large files will be uploaded; required when there are any.
-        include: further bundle-relative files or folders that inference needs and the release ships (e.g. a
-            template bank written by training).
+        include: further bundle-relative files or folders (taken from ``bundle_dir``) that the release ships.
+        net_id: the network of the inference config that ``network_data_format`` describes, for the in/out check and
+            the TorchScript export (as the Model Zoo's ``custom_net_config_dict``); the export loads the weights into
+            it, so with ``torchscript`` they must be its ``state_dict``.
+        run_dir: the folder training wrote to (``output_dir`` of train.json); default ``bundle_dir`` (a bundle trained
+            in place). The weights (unless ``ckpt_file``) and the data the inference config reads from the bundle (the
+            ids of :data:`BUNDLE_DATA_IDS` it defines, e.g. ``template_bank/``) are taken from there and shipped.
 
     Returns:
         what was checked and written.
@@ -323,11 +382,24 @@ def export_model_zoo(
 
     check_necessary_files(bundle_dir)
     checks.append("necessary files")
-    ckpt_path = Path(ckpt_file) if ckpt_file is not None else bundle_dir / MODEL_FILE
+    run_dir = Path(run_dir).resolve() if run_dir is not None else bundle_dir
+    if not run_dir.is_dir():
+        raise BundleCheckError(f"bundle {name}: run_dir {run_dir} not found")
+    ckpt_path = Path(ckpt_file) if ckpt_file is not None else run_dir / MODEL_FILE
     if not ckpt_path.is_file():
         raise BundleCheckError(
-            f"bundle {name}: weights {ckpt_path} not found; train the bundle (it writes models/model.pt) or pass ckpt_file"
+            f"bundle {name}: weights {ckpt_path} not found; train the bundle (it writes models/model.pt) and pass its "
+            "output_dir as run_dir, or pass ckpt_file"
         )
+    extra: dict[str, Path] = {}
+    for data_id, rel in inference_data_paths(bundle_dir).items():
+        if not (run_dir / rel).exists():
+            raise BundleCheckError(
+                f"bundle {name}: '{data_id}' of {INFERENCE_FILE} reads {rel}, which training writes, but "
+                f"{run_dir / rel} is not there; pass the training run's output_dir as run_dir"
+            )
+        extra[rel] = run_dir / rel
+    extra.update({rel: bundle_dir / rel for rel in ([include] if isinstance(include, str) else include)})
     version, changes = check_version_changelog(bundle_dir / META_FILE)
     checks.append("version in changelog")
     if not torchscript and "torchscript" not in (bundle_dir / "docs" / "README.md").read_text().lower():
@@ -340,15 +412,15 @@ def export_model_zoo(
     output_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output_dir, prefix=f".{name}.") as tmp:
         stage = Path(tmp) / name
-        _stage(bundle_dir, stage, ckpt_path, [include] if isinstance(include, str) else list(include))
+        _stage(bundle_dir, stage, ckpt_path, extra)
         check_metadata_schema(stage / META_FILE)
         checks.append("metadata schema")
         check_inference_properties(stage)
         checks.append("inference properties")
-        check_network_in_out(stage, device=device)
+        check_network_in_out(stage, net_id=net_id, device=device)
         checks.append("network in/out")
         if torchscript:
-            check_torchscript(stage, stage / TS_FILE)
+            check_torchscript(stage, stage / TS_FILE, net_id=net_id)
             checks.append("torchscript export and load")
 
         large = [p for p in sorted(stage.rglob("*")) if p.is_file() and p.stat().st_size > max_file_mb * 2**20]

@@ -182,6 +182,35 @@ def test_trainer_with_dice_unlabeled_loss_trains():
     assert torch.isfinite(out["loss"]) and 0.0 <= float(out["loss_u"]) <= 1.0
 
 
+def test_pseudo_labels_from_the_student_keep_the_teacher_statistics_its_own():
+    trainer, student, teacher = _trainer(iterations=1)
+    trainer.pseudo_labels_from, trainer.teacher_bn_stats = "student", "own"
+    for p in teacher.parameters():  # a teacher that disagrees with the student
+        p.data.normal_()
+    for module in student.modules():  # dropout off, so two train-mode passes agree
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    images = torch.randn(2, 1, 32, 32)
+    before = [b.clone() for b in teacher.buffers()]
+    confidence, label = trainer.pseudo_label(images)
+    assert not teacher.training and all(p.grad is None for p in student.parameters())
+    after = [b.clone() for b in teacher.buffers()]
+    with torch.no_grad():
+        expected_conf, expected_label = student.train()(images).softmax(dim=1).max(dim=1)
+        teacher_label = teacher.train()(images).argmax(dim=1)
+    assert torch.allclose(confidence, expected_conf, atol=1e-5) and torch.equal(label, expected_label)
+    assert not torch.equal(label, teacher_label)
+    # validation scores the teacher: its BatchNorm running statistics still follow its own passes
+    assert any(not torch.equal(a, b) for a, b in zip(before, after))
+    for name, value in (("pseudo_labels_from", "oracle"), ("unlabeled_loss", "focal")):
+        with pytest.raises(ValueError, match=f"unknown {name} '{value}'"):
+            UniMatchV2Trainer(
+                device="cpu", max_epochs=1, train_data_loader=[], network=student, teacher=teacher,
+                optimizer=torch.optim.SGD(student.parameters(), lr=0.1), loss_function=torch.nn.MSELoss(),
+                **{name: value},
+            )
+
+
 def test_method_choice_and_empty_pool():
     assert unlabeled_data("supervised", [{"image": "a"}]) == []
     assert unlabeled_data("unimatch_v2", [{"image": "a"}]) == [{"image": "a", "id": "a"}]

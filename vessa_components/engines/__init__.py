@@ -1,6 +1,7 @@
 from .unimatch_v2 import (
     FUSIONS,
     METHODS,
+    PSEUDO_LABEL_SOURCES,
     TEACHER_BN_STATS,
     UNLABELED_LOSSES,
     UniMatchV2Trainer,
@@ -16,6 +17,7 @@ from .vessa_stage1 import VessaStage1Trainer
 __all__ = [
     "FUSIONS",
     "METHODS",
+    "PSEUDO_LABEL_SOURCES",
     "TEACHER_BN_STATS",
     "UNLABELED_LOSSES",
     "UniMatchV2Trainer",

@@ -62,6 +62,7 @@ else:
 __all__ = [
     "FUSIONS",
     "METHODS",
+    "PSEUDO_LABEL_SOURCES",
     "TEACHER_BN_STATS",
     "UNLABELED_LOSSES",
     "UniMatchV2Trainer",
@@ -90,6 +91,7 @@ class UnlabeledKeys:
 FUSIONS = ("separate", "confidence", "agreement")
 TEACHER_BN_STATS = ("ema", "own")
 UNLABELED_LOSSES = ("ce", "dice")
+PSEUDO_LABEL_SOURCES = ("teacher", "student")
 
 
 @contextlib.contextmanager
@@ -172,6 +174,11 @@ class UniMatchV2Trainer(Trainer):
             :data:`UNLABELED_LOSSES`: ``"ce"`` (UniMatch V2: per-pixel CE, averaged over all pixels) or ``"dice"``
             (UniMatch's medical code: Dice of the softmax, over the batch, background included, on the kept pixels
             only). Also used for VESSA's term.
+        pseudo_labels_from: which network predicts the weak view, one of :data:`PSEUDO_LABEL_SOURCES`: the EMA
+            ``"teacher"`` (UniMatch V2) or the ``"student"`` itself in training mode without gradient (UniMatch's
+            ACDC code). A from-scratch student improves fast in the first thousand iterations, and an EMA teacher
+            that lags it gives fewer and staler confident pixels; the EMA teacher is still what validation scores
+            and what is saved.
         other arguments: as in ``monai.engines.SupervisedTrainer``.
 
     ``engine.state.output`` holds ``loss``, ``loss_x``, ``loss_u`` and ``mask_ratio`` (share of unlabelled pixels whose
@@ -199,6 +206,7 @@ class UniMatchV2Trainer(Trainer):
         vessa_weight: float = 1.0,
         pseudo_label_fusion: str = "separate",
         unlabeled_loss: str = "ce",
+        pseudo_labels_from: str = "teacher",
         non_blocking: bool = False,
         prepare_batch: Callable = default_prepare_batch,
         iteration_update: Callable[[Engine, Any], Any] | None = None,
@@ -249,6 +257,10 @@ class UniMatchV2Trainer(Trainer):
             raise ValueError(f"unknown pseudo_label_fusion '{pseudo_label_fusion}'; choose one of {FUSIONS}")
         if unlabeled_loss not in UNLABELED_LOSSES:
             raise ValueError(f"unknown unlabeled_loss '{unlabeled_loss}'; choose one of {UNLABELED_LOSSES}")
+        if pseudo_labels_from not in PSEUDO_LABEL_SOURCES:
+            raise ValueError(
+                f"unknown pseudo_labels_from '{pseudo_labels_from}'; choose one of {PSEUDO_LABEL_SOURCES}"
+            )
         self.network = network
         self.teacher = teacher
         self.optimizer = optimizer
@@ -264,6 +276,7 @@ class UniMatchV2Trainer(Trainer):
         self.vessa_conf_thresh = vessa_conf_thresh
         self.pseudo_label_fusion = pseudo_label_fusion
         self.unlabeled_loss = unlabeled_loss
+        self.pseudo_labels_from = pseudo_labels_from
         self.state.vessa_weight = vessa_weight
         self._unlabeled_batches = None if unlabeled_data_loader is None else cycle_loader(unlabeled_data_loader)
         if self.teacher is not None:
@@ -292,8 +305,15 @@ class UniMatchV2Trainer(Trainer):
         return probs
 
     def pseudo_label(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher's per-pixel confidence and label (``[B, H, W]`` each) on the weak view."""
-        return self.teacher_probabilities(images).max(dim=1)
+        """Per-pixel confidence and label (``[B, H, W]`` each) on the weak view, from the network that
+        ``pseudo_labels_from`` names."""
+        if self.pseudo_labels_from == "teacher":
+            return self.teacher_probabilities(images).max(dim=1)
+        if self.teacher_bn_stats == "own":
+            self.teacher_probabilities(images)  # keeps the teacher's running statistics its own for validation
+        self.network.train()
+        with torch.no_grad():
+            return self.inferer(images, self.network).float().softmax(dim=1).max(dim=1)
 
     def unsupervised_loss(self, logits: torch.Tensor, pseudo: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """Loss of ``logits`` ``[B, C, H, W]`` against the pseudo-label ``[B, H, W]`` where ``keep`` is true: per-pixel

@@ -113,14 +113,18 @@ def bare_unimatch_v2_step(
     iteration: int,
     teacher_bn_stats: str = "ema",
     unlabeled_loss: str = "ce",
+    pseudo_labels_from: str = "teacher",
 ) -> float:
     """One UniMatch V2 step written as a plain PyTorch loop body: the reference the trainer's overhead is measured
-    against (same network, batches and augmentations; no Ignite, no handlers). ``teacher_bn_stats`` and
-    ``unlabeled_loss`` as in :class:`~vessa_components.engines.UniMatchV2Trainer`."""
+    against (same network, batches and augmentations; no Ignite, no handlers). ``teacher_bn_stats``,
+    ``unlabeled_loss`` and ``pseudo_labels_from`` as in :class:`~vessa_components.engines.UniMatchV2Trainer`."""
     x, y = labeled["image"], labeled["label"]
     with torch.no_grad():
         teacher.train(teacher_bn_stats == "own")
-        conf_w, pseudo_w = teacher(unlabeled["image"]).softmax(dim=1).max(dim=1)
+        if pseudo_labels_from == "teacher" or teacher_bn_stats == "own":
+            conf_w, pseudo_w = teacher(unlabeled["image"]).softmax(dim=1).max(dim=1)
+        if pseudo_labels_from == "student":
+            conf_w, pseudo_w = student.train()(unlabeled["image"]).softmax(dim=1).max(dim=1)
     box1, box2 = unlabeled["cutmix_box1"], unlabeled["cutmix_box2"]
     strong = torch.cat(
         (cutmix_with_flipped_batch(unlabeled["image_s1"], box1), cutmix_with_flipped_batch(unlabeled["image_s2"], box2))
@@ -160,6 +164,7 @@ def _overhead(output_dir: str, iterations: int, overrides: dict[str, Any], queue
     conf_thresh, ema_decay = parser.get_parsed_content("conf_thresh"), parser.get_parsed_content("ema_decay")
     teacher_bn_stats = parser.get_parsed_content("teacher_bn_stats")
     unlabeled_loss = parser.get_parsed_content("unlabeled_loss")
+    pseudo_labels_from = parser.get_parsed_content("pseudo_labels_from")
 
     def bare(n: int) -> list[float]:
         stamps = []
@@ -167,7 +172,7 @@ def _overhead(output_dir: str, iterations: int, overrides: dict[str, Any], queue
         for i in range(n):
             bare_unimatch_v2_step(
                 student, teacher, optimizer, loss_function, next(labeled_iter), next(unlabeled_iter),
-                conf_thresh, ema_decay, i, teacher_bn_stats, unlabeled_loss,
+                conf_thresh, ema_decay, i, teacher_bn_stats, unlabeled_loss, pseudo_labels_from,
             )
             stamps.append(time.perf_counter())
         return [b - a for a, b in zip(stamps, stamps[1:])]

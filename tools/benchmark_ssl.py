@@ -12,6 +12,10 @@ run with ``train_vlm=off``)::
     python tools/benchmark_ssl.py ... --methods supervised,unimatch_v2,vessa,vessa_no_feedback,vessa_no_vlm \
         --vessa_ckpt runs/foundation/models/model.pt --vessa_no_vlm_ckpt runs/foundation_no_vlm/models/model.pt
 
+``--overrides`` sets further bundle ids for every run, e.g. UniMatch V2 as published::
+
+    python tools/benchmark_ssl.py ... --methods unimatch_v2 --overrides '{"unlabeled_loss": "ce", "pseudo_labels_from": "teacher"}'
+
 Writes ``results.json``, ``results.md`` (per-class Dice, Jaccard, HD95, ASD as mean ± std over seeds, iterations, wall
 time, samples/s, peak memory, the trainer-vs-bare-loop throughput) and ``dice_vs_iterations.png`` to ``out_dir``.
 """

@@ -3,12 +3,13 @@
 Per iteration, with a labelled batch ``(x, y)`` and an unlabelled batch (weak view ``u_w``, strong views ``u_s1``,
 ``u_s2`` and their CutMix boxes):
 
-1. the EMA teacher predicts on ``u_w``: confidence and pseudo-label per pixel;
+1. the EMA teacher (``pseudo_labels_from="teacher"``, UniMatch V2) or the student itself without gradient
+   (``"student"``, UniMatch's medical code) predicts on ``u_w``: confidence and pseudo-label per pixel;
 2. each strong view gets its partner's content (``flip(0)``) pasted inside its CutMix box, and the pseudo-labels and
    confidences are mixed the same way;
 3. the student predicts ``x`` and, in one pass with complementary channel dropout, ``cat(u_s1, u_s2)``;
 4. ``loss_x = loss_function(pred_x, y)`` (CE + Dice), ``loss_u`` = mean over the two views of the loss against the
-   pseudo-label on the pixels where the teacher's confidence >= ``conf_thresh``: per-pixel CE averaged over all pixels
+   pseudo-label on the pixels whose confidence >= ``conf_thresh``: per-pixel CE averaged over all pixels
    (``unlabeled_loss="ce"``, UniMatch V2) or Dice over the kept pixels (``"dice"``, UniMatch's medical code, which
    keeps small classes such as the myocardium from being outvoted by the background);
 5. ``loss = (loss_x + loss_u) / 2``; the EMA teacher is updated by :class:`vessa_components.handlers.EMATeacher`.

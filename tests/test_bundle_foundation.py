@@ -99,7 +99,8 @@ def test_demo_default_train_evaluate_infer(tmp_path):
 def test_real_acdc_with_saved_checkpoints_train_evaluate_infer(tmp_path, small_acdc, checkpoints):
     """The loading paths of real Qwen3-VL and SAM2.1 weights, with tiny models saved in their formats."""
     out = tmp_path / "run"
-    settings = {"dataset_dir": str(small_acdc), "data_layout": "ssl4mis", "labeled_cases": 2, **checkpoints}
+    settings = {"dataset_dir": str(small_acdc), "data_layout": "ssl4mis", "labeled_cases": 2, "sam2_preset": "tiny_cpu",
+                **checkpoints}
     train = _workflow(["train.json"], "train", out, **settings)
     network = train.parser.get_parsed_content("network")
     assert not any(p.requires_grad for p in network.sam2.image_encoder.parameters())  # pretrained SAM2 encoder frozen
@@ -121,7 +122,7 @@ def test_real_acdc_with_saved_checkpoints_train_evaluate_infer(tmp_path, small_a
     assert report["summary"] == validation["summary"]
 
     _, image, label = _as_nifti(small_acdc / "data" / f"{volume}.h5", tmp_path / "inputs")
-    _infer(out, tmp_path / "inputs", tmp_path / "pred", vlm_path=checkpoints["vlm_path"])
+    _infer(out, tmp_path / "inputs", tmp_path / "pred", vlm_path=checkpoints["vlm_path"], sam2_preset="tiny_cpu")
     pred = np.asarray(nib.load(tmp_path / "pred" / f"{volume}_seg.nii.gz").dataobj)
     assert pred.shape == image.transpose(2, 1, 0).shape
     # inference and evaluation run the same VESSA, bank and pixels: the same Dice

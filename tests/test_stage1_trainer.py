@@ -122,6 +122,21 @@ def test_templates_come_from_another_patient_of_the_same_dataset():
     assert torch.equal(pairs["targets"][1], (label_a == 2).float())
 
 
+def test_one_labelled_patient_draws_templates_from_its_other_slices():
+    bank = _bank(patients=("p1", "p1", "p1"))
+    model = build_vessa_model(ACDC[1:], image_size=SIZE, train_vlm="off")
+    trainer = VessaStage1Trainer("cpu", 1, [], model, torch.optim.SGD(model.parameters(), 0.1), bank)
+    image, label = _slice(0)  # exemplar 0 itself: the best match were it allowed
+    pairs = trainer.make_pairs(image[None], label[None], ["p1"], ["acdc"], names=["p1_slice_0"])
+    for template in pairs["template_images"]:
+        assert not torch.equal(template, bank.images[0])
+        assert any(torch.equal(template, bank.images[i]) for i in (1, 2))
+    with pytest.raises(KeyError, match="'name' key"):
+        trainer.make_pairs(image[None], label[None], ["p1"], ["acdc"])
+    with pytest.raises(ValueError, match="apart from slice 'p1_slice_0'"):
+        _bank(patients=("p1",)).match_batch(image[None], "left_ventricle", exclude_name="p1_slice_0")
+
+
 def test_bad_input_is_named():
     model = build_vessa_model(ACDC[1:], image_size=SIZE, train_vlm="off")
     optimizer = torch.optim.SGD(model.parameters(), 0.1)

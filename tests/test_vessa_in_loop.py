@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 from pathlib import Path
 
@@ -235,7 +236,7 @@ def _acdc_workflow(output_dir, dataset_dir, **overrides):
     settings = {
         "roi_size": SIZE, "batch_size": 2, "num_workers": 0, "cache_rate": 0.0, "show_progress": False,
         "data_layout": "ssl4mis", "labeled_cases": 1, "method": "vessa", "vessa_train_vlm": "off",
-        "vessa_image_size": SIZE, **overrides,
+        "vessa_sam2_preset": "tiny_cpu", "vessa_image_size": SIZE, **overrides,
     }
     workflow = ConfigWorkflow(
         config_file=str(bundle / "configs" / "train.json"), workflow_type="train", bundle_root=str(bundle),
@@ -254,6 +255,7 @@ def test_bundle_trains_with_vessa(tmp_path, acdc_root, foundation_ckpt):
     workflow = _acdc_workflow(
         tmp_path / "run", data, vessa_ckpt=str(foundation_ckpt), max_iterations=3, val_interval=3, save_interval=3,
         feedback_start=2, vessa_weight_start=1.0, vessa_weight_end=0.0, vessa_decay_iterations=2,
+        pool_quality_interval=2,
     )
     assert not workflow.check_properties()
     trainer = workflow.parser.get_parsed_content("train#trainer")
@@ -265,6 +267,11 @@ def test_bundle_trains_with_vessa(tmp_path, acdc_root, foundation_ckpt):
     assert [s["vessa_weight"] for s in seen] == [1.0, 0.5, 0.0]
     assert all(math.isfinite(s["loss_v"]) for s in seen)
     assert (tmp_path / "run" / "models" / "model.pt").is_file()
+    # VESSA's pseudo-labels scored on the unlabelled pool's hidden labels at iteration 2 and at the end
+    quality = json.loads((tmp_path / "run" / "vessa_pool_quality.json").read_text())
+    assert [(r["iteration"], r["feedback"]) for r in quality] == [(2, True), (3, True)]
+    assert all(0.0 <= r["vessa"]["kept_share"] <= 1.0 and set(r["vessa"]["dice"]) == set(ACDC_CLASS_NAMES[1:]) for r in quality)
+    assert math.isfinite(trainer.state.metrics["vessa_pool_dice"]) or quality[-1]["vessa"]["mean_dice"] is None
     workflow.finalize()
 
 

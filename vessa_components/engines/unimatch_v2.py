@@ -24,6 +24,9 @@ unlabelled slice is resampled onto its weak view and mixed by the same CutMix; `
   replaces the teacher's in ``loss_u``;
 - ``agreement``: ``loss_u`` keeps only pixels where both are confident and agree.
 
+With the labeler's ``mutual_learning``, every ``mutual_learning_interval`` iterations VESSA's mask decoder first takes
+one step on the teacher's confident pseudo-labels of the reference slices (``loss_ml``), before VESSA labels them.
+
 Without an unlabelled loader the trainer is plain supervised training (what MONAI Label's training request runs).
 """
 
@@ -184,7 +187,8 @@ class UniMatchV2Trainer(Trainer):
 
     ``engine.state.output`` holds ``loss``, ``loss_x``, ``loss_u`` and ``mask_ratio`` (share of unlabelled pixels whose
     teacher confidence reaches ``conf_thresh``), plus the labelled ``image``, ``label`` and ``pred``; with VESSA also
-    ``loss_v``, ``mask_ratio_v``, ``vessa_weight``, ``vessa_cache_size`` and ``vessa_hit_rate``.
+    ``loss_v``, ``mask_ratio_v``, ``vessa_weight``, ``vessa_cache_size`` and ``vessa_hit_rate``, and ``loss_ml`` at the
+    iterations where VESSA's mask decoder is fine-tuned (the labeler's ``mutual_learning``).
     """
 
     def __init__(
@@ -332,6 +336,17 @@ class UniMatchV2Trainer(Trainer):
         warped = warp_to_view(maps, unlabeled[UnlabeledKeys.WEAK_TO_REFERENCE], mode="nearest")
         return warped[:, 0].round().long(), warped[:, 1]
 
+    def vessa_learn_from_teacher(self, unlabeled: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """When the labeler's mutual learning is due at this iteration, one fine-tuning step of VESSA's mask decoder
+        on the eval-mode teacher's confident labels of the reference slices: ``{"loss_ml": ...}``; ``{}`` otherwise."""
+        if not self.vessa.mutual_learning_due(self.state.iteration):  # type: ignore[union-attr]
+            return {}
+        reference = unlabeled[UnlabeledKeys.REFERENCE]
+        result = self.vessa.learn_from_teacher(  # type: ignore[union-attr]
+            reference, self._teacher_eval(reference), iteration=self.state.iteration
+        )
+        return {"loss_ml": torch.tensor(result["loss_ml"])}
+
     @torch.no_grad()
     def _teacher_eval(self, images: torch.Tensor) -> torch.Tensor:
         self.teacher.eval()  # type: ignore[union-attr]
@@ -363,6 +378,7 @@ class UniMatchV2Trainer(Trainer):
             keep_w = conf_w >= engine.conf_thresh
             mask_ratio = keep_w.float().mean()
             if use_vessa:
+                engine.state.output.update(engine.vessa_learn_from_teacher(unlabeled))
                 pseudo_v, conf_v = engine.vessa_pseudo_label(unlabeled)
                 keep_v = conf_v >= engine.vessa_conf_thresh
                 if engine.pseudo_label_fusion != "separate":

@@ -4,7 +4,8 @@ its data set's classes is learned "like the template".
 Per iteration, for a batch of labelled slices ``(x, y)`` that may come from several data sets:
 
 1. for each slice and each foreground class of its data set, the template bank's best exemplar of that class from
-   **another patient of the same data set** is matched (``TemplateBank.match_batch(..., exclude_patient=...)``);
+   **another patient of the same data set** is matched (``TemplateBank.match_batch(..., exclude_patient=...)``); a
+   data set with a single labelled patient (one labelled case) draws from that patient's other slices instead;
 2. VESSA predicts the class's mask from (slice, template image, template mask, reference text), all classes of all
    slices in one batch;
 3. ``loss = w_bce * BCE + w_dice * Dice`` over the class masks ``(y == class)`` ``+ w_ce * LM CE`` on the answer
@@ -131,15 +132,22 @@ class VessaStage1Trainer(Trainer):
         self.optim_set_to_none = optim_set_to_none
 
     def make_pairs(
-        self, images: torch.Tensor, labels: torch.Tensor, patients: Sequence[str], datasets: Sequence[str] | None
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        patients: Sequence[str],
+        datasets: Sequence[str] | None,
+        names: Sequence[str] | None = None,
     ) -> dict[str, Any]:
-        """Pair each slice with one template per foreground class of its data set, from another patient.
+        """Pair each slice with one template per foreground class of its data set, from another patient (from another
+        slice of the same patient when the bank holds a single patient of the data set).
 
         Args:
             images: ``[B, 1, S, S]`` slices in [0, 1].
             labels: ``[B, 1, S, S]`` label maps (values index the data set's class names).
             patients: the patient of each slice (its exemplars are excluded from its matches).
             datasets: the data set of each slice; ``None`` when the bank holds exactly one.
+            names: the slice names (the bank's exemplar names); needed for a data set with a single patient.
 
         Returns:
             one VESSA sample per (slice, class): ``images``, ``template_images``, ``template_masks``, ``targets``
@@ -150,13 +158,20 @@ class VessaStage1Trainer(Trainer):
             if len(bank.datasets()) != 1:
                 raise ValueError(f"batches need a 'dataset' key: the template bank holds {bank.datasets()}")
             datasets = bank.datasets() * len(images)
-        rows, class_names, query_datasets, query_patients, values = [], [], [], [], []
+        single_patient = {
+            d: len({x.patient for x in bank.exemplars if x.dataset == d}) == 1 for d in set(datasets)
+        }
+        if names is None and any(single_patient.values()):
+            raise KeyError("labelled batches need a 'name' key: a data set has a single labelled patient, so templates "
+                           "are drawn from its other slices")
+        rows, class_names, query_datasets, query_patients, query_names, values = [], [], [], [], [], []
         for row, (patient, dataset) in enumerate(zip(patients, datasets)):
             for value, name in enumerate(bank.classes(dataset)[1:], start=1):
                 rows.append(row)
                 class_names.append(name)
                 query_datasets.append(dataset)
-                query_patients.append(patient)
+                query_patients.append(None if single_patient[dataset] else patient)
+                query_names.append(names[row] if single_patient[dataset] else None)  # type: ignore[index]
                 values.append(value)
         unknown = sorted(set(class_names) - set(model.class_names))
         if unknown:
@@ -164,7 +179,7 @@ class VessaStage1Trainer(Trainer):
         index = torch.tensor(rows, device=images.device)
         queries = images.detach().float().cpu()[index.cpu()]
         matches = bank.match_batch(
-            queries, class_names, k=1, exclude_patient=query_patients, dataset=query_datasets
+            queries, class_names, k=1, exclude_patient=query_patients, dataset=query_datasets, exclude_name=query_names
         )
         size = (model.image_size, model.image_size)
         template_images = torch.stack([m[0].image for m in matches])
@@ -189,7 +204,8 @@ class VessaStage1Trainer(Trainer):
         images, labels = batch[:2]
         if "patient" not in batchdata:
             raise KeyError("labelled batches need a 'patient' key: templates are drawn from other patients")
-        pairs = engine.make_pairs(images, labels, list(batchdata["patient"]), batchdata.get("dataset"))
+        names = list(batchdata["name"]) if "name" in batchdata else None
+        pairs = engine.make_pairs(images, labels, list(batchdata["patient"]), batchdata.get("dataset"), names)
         engine.state.output = {Keys.IMAGE: images, Keys.LABEL: pairs["targets"]}
 
         def _compute_pred_loss() -> None:

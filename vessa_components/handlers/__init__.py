@@ -1,6 +1,7 @@
 from .checkpoint import TrainingCheckpoint
 from .ema import EMATeacher
 from .vessa_saver import VessaSaver
+from .pseudo_label_quality import PseudoLabelQuality
 from .tracking import (
     MLFlowTracker,
     executed_config,
@@ -18,6 +19,7 @@ __all__ = [
     "SCHEDULE_SHAPES",
     "EMATeacher",
     "MLFlowTracker",
+    "PseudoLabelQuality",
     "TrainingCheckpoint",
     "VessaSaver",
     "VessaWeightSchedule",

@@ -77,6 +77,32 @@ SAM2_PRESETS: dict[str, tuple[str, ...]] = {
         "++model.memory_encoder.mask_downsampler.embed_dim=32",
         "++model.memory_encoder.fuser.layer.dim=32",
     ),
+    # Twice tiny_cpu's widths (Hiera 16 -> 128 channels, a 64-wide neck, memory attention and memory of 64 and 32):
+    # what the CPU benchmarks train, enough to learn the ACDC classes from a few cases in minutes.
+    "small_cpu": (
+        "++model.image_size=128",
+        "++model.image_encoder.trunk.embed_dim=16",
+        "++model.image_encoder.trunk.num_heads=1",
+        "++model.image_encoder.trunk.stages=[1,2,2,1]",
+        "++model.image_encoder.trunk.global_att_blocks=[4]",
+        "++model.image_encoder.neck.d_model=64",
+        "++model.image_encoder.neck.backbone_channel_list=[128,64,32,16]",
+        "++model.image_encoder.neck.position_encoding.num_pos_feats=64",
+        "++model.memory_attention.d_model=64",
+        "++model.memory_attention.num_layers=2",
+        "++model.memory_attention.layer.d_model=64",
+        "++model.memory_attention.layer.dim_feedforward=128",
+        "++model.memory_attention.layer.self_attention.embedding_dim=64",
+        "++model.memory_attention.layer.self_attention.feat_sizes=[8,8]",
+        "++model.memory_attention.layer.cross_attention.embedding_dim=64",
+        "++model.memory_attention.layer.cross_attention.kv_in_dim=32",
+        "++model.memory_attention.layer.cross_attention.feat_sizes=[8,8]",
+        "++model.memory_encoder.in_dim=64",
+        "++model.memory_encoder.out_dim=32",
+        "++model.memory_encoder.position_encoding.num_pos_feats=32",
+        "++model.memory_encoder.mask_downsampler.embed_dim=64",
+        "++model.memory_encoder.fuser.layer.dim=64",
+    ),
 }
 
 # SAM2's stride from image pixels to the top-level (memory / mask decoder) feature grid.

@@ -152,6 +152,38 @@ class VessaModel(nn.Module):
         )
         return {**decoded, "lm_loss": prompt.lm_loss}
 
+    def class_logits(
+        self,
+        images: torch.Tensor,
+        template_images: torch.Tensor,
+        template_masks: torch.Tensor,
+        mask_prompts: torch.Tensor | None = None,
+        boxes: torch.Tensor | None = None,
+        class_indices: Sequence[int] | None = None,
+        modality: str | None = None,
+    ) -> torch.Tensor:
+        """Per-class mask logits ``[B, C, S, S]`` for all classes at once (classes run as one batch); the arguments
+        are those of :meth:`segment_classes`."""
+        b, c = template_images.shape[:2]
+        flat = lambda t: None if t is None else t.flatten(0, 1)  # noqa: E731
+        classes = torch.arange(c) if class_indices is None else torch.as_tensor(list(class_indices))
+        if len(classes) != c:
+            raise ValueError(f"{len(classes)} class indices for templates of {c} classes")
+        modalities = [modality or self.modality] * (b * c)
+        out = self.forward(
+            images.repeat_interleave(c, dim=0), flat(template_images), flat(template_masks),
+            classes.to(images.device).repeat(b), flat(mask_prompts), flat(boxes), modalities,
+        )
+        return out["logits"].view(b, c, *images.shape[-2:])
+
+    @staticmethod
+    def probabilities(class_logits: torch.Tensor) -> torch.Tensor:
+        """``[B, C+1, S, S]`` probabilities from per-class logits ``[B, C, S, S]``: sigmoid foreground, background
+        ``1 - max`` of the foreground."""
+        foreground = torch.sigmoid(class_logits)
+        background = 1.0 - foreground.amax(dim=1, keepdim=True)
+        return torch.cat((background, foreground), dim=1)
+
     def segment_classes(
         self,
         images: torch.Tensor,
@@ -174,19 +206,9 @@ class VessaModel(nn.Module):
         The background probability is ``1 - max`` of the foreground probabilities, so a pixel is foreground only when
         some class is more likely than not.
         """
-        b, c = template_images.shape[:2]
-        flat = lambda t: None if t is None else t.flatten(0, 1)  # noqa: E731
-        classes = torch.arange(c) if class_indices is None else torch.as_tensor(list(class_indices))
-        if len(classes) != c:
-            raise ValueError(f"{len(classes)} class indices for templates of {c} classes")
-        modalities = [modality or self.modality] * (b * c)
-        out = self.forward(
-            images.repeat_interleave(c, dim=0), flat(template_images), flat(template_masks),
-            classes.to(images.device).repeat(b), flat(mask_prompts), flat(boxes), modalities,
+        return self.probabilities(
+            self.class_logits(images, template_images, template_masks, mask_prompts, boxes, class_indices, modality)
         )
-        foreground = torch.sigmoid(out["logits"]).view(b, c, *images.shape[-2:])
-        background = 1.0 - foreground.amax(dim=1, keepdim=True)
-        return torch.cat((background, foreground), dim=1)
 
     @torch.no_grad()
     def pseudo_label(
@@ -340,7 +362,17 @@ class VessaSegmenter(nn.Module):
     ) -> torch.Tensor:
         """``[B, 1, S, S]`` slices in [0, 1] -> ``[B, C+1, S, S]`` probabilities (see :meth:`VessaModel.segment_classes`
         for the optional prompts)."""
+        return self.model.probabilities(self.class_logits(images, mask_prompts, box_prompts))
+
+    def class_logits(
+        self,
+        images: torch.Tensor,
+        mask_prompts: torch.Tensor | None = None,
+        box_prompts: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Per-class mask logits ``[B, C, S, S]`` (channel ``c`` is the data set's class ``c + 1``) with the matched
+        templates: what :meth:`forward` turns into probabilities, and what fine-tuning VESSA differentiates."""
         template_images, template_masks = self.match_templates(images)
-        return self.model.segment_classes(
+        return self.model.class_logits(
             images, template_images, template_masks, mask_prompts, box_prompts, self.class_indices, self.modality
         )

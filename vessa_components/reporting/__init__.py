@@ -1,4 +1,4 @@
-from .figures import plot_dice_curves
+from .figures import plot_dice_curves, plot_dice_vs_labeled_cases, plot_pseudo_label_quality
 from .report import (
     load_mlflow_scalars,
     load_scalars,
@@ -16,6 +16,8 @@ __all__ = [
     "load_tensorboard_scalars",
     "make_report",
     "plot_dice_curves",
+    "plot_dice_vs_labeled_cases",
+    "plot_pseudo_label_quality",
     "plot_learning_curves",
     "plot_overlay",
     "predict_volumes",

@@ -8,6 +8,7 @@ import os
 import resource
 import statistics
 import time
+from queue import Empty
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,24 +18,57 @@ import torch
 from ..engines import UniMatchV2Trainer, frozen_batchnorm_stats, pseudo_label_loss
 from ..transforms.ssl import cutmix_with_flipped_batch
 
-__all__ = ["bare_unimatch_v2_step", "run_method", "measure_overhead", "summarize_runs", "format_results"]
+__all__ = [
+    "bare_unimatch_v2_step",
+    "format_results",
+    "measure_overhead",
+    "run_foundation",
+    "run_method",
+    "summarize_runs",
+]
 
 BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "vessa_ssl_acdc"
+FOUNDATION_BUNDLE = BUNDLE.parent / "vessa_foundation"
 
 
-def _workflow(output_dir: str | os.PathLike, config_files: Sequence[str] = ("train.json",), **overrides: Any):
+def _workflow(
+    output_dir: str | os.PathLike,
+    config_files: Sequence[str] = ("train.json",),
+    bundle: Path = BUNDLE,
+    **overrides: Any,
+):
     from monai.bundle import ConfigWorkflow
 
-    files = [str(BUNDLE / "configs" / f) for f in config_files]
+    files = [str(bundle / "configs" / f) for f in config_files]
     workflow = ConfigWorkflow(
         config_file=files if len(files) > 1 else files[0],
         workflow_type="train",
-        bundle_root=str(BUNDLE),
+        bundle_root=str(bundle),
         output_dir=str(output_dir),
         **overrides,
     )
     workflow.initialize()
     return workflow
+
+
+def _in_process(target, output_dir: str | os.PathLike, overrides: dict[str, Any], *args: Any) -> dict[str, Any]:
+    """Run ``target(output_dir, overrides, *args, queue)`` in a spawned process (so its peak memory is its own) and
+    return what it puts in the queue; a crashed child raises here instead of leaving the parent waiting."""
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=target, args=(str(output_dir), overrides, *args, queue))
+    process.start()
+    while True:
+        try:
+            result = queue.get(timeout=5.0)
+            break
+        except Empty:
+            if not process.is_alive():
+                raise RuntimeError(f"{target.__name__} in {output_dir} died with exit code {process.exitcode}") from None
+    process.join()
+    if process.exitcode != 0:
+        raise RuntimeError(f"{target.__name__} in {output_dir} failed with exit code {process.exitcode}")
+    return result
 
 
 def _peak_rss_gb() -> float:
@@ -73,6 +107,7 @@ def _train_and_evaluate(output_dir: str, overrides: dict[str, Any], queue: mp.Qu
     labeled_bs = int(workflow.parser.get_parsed_content("batch_size"))
     has_unlabeled = workflow.parser.get_parsed_content("train#trainer").unlabeled_data_loader is not None
     samples_per_iteration = labeled_bs * (2 if has_unlabeled else 1)
+    pool = Path(output_dir) / "vessa_pool_quality.json"
     queue.put(
         {
             "iterations": trainer.state.iteration,
@@ -83,22 +118,47 @@ def _train_and_evaluate(output_dir: str, overrides: dict[str, Any], queue: mp.Qu
             "peak_rss_gb": _peak_rss_gb(),
             "curve": curve,
             "summary": report["summary"],
+            "pool_quality": json.loads(pool.read_text()) if pool.is_file() else None,
         }
     )
 
 
 def run_method(output_dir: str | os.PathLike, threads: int = 2, **overrides: Any) -> dict[str, Any]:
-    """Train and evaluate one configuration of the bundle in a fresh process (so peak memory is its own)."""
-    queue: mp.Queue = mp.get_context("spawn").Queue()
-    process = mp.get_context("spawn").Process(
-        target=_train_and_evaluate, args=(str(output_dir), {**overrides, "threads": threads}, queue)
+    """Train and evaluate one configuration of the ``vessa_ssl_acdc`` bundle in a fresh process."""
+    return _in_process(_train_and_evaluate, output_dir, {**overrides, "threads": threads})
+
+
+def _train_foundation(output_dir: str, overrides: dict[str, Any], queue: mp.Queue) -> None:
+    import json
+
+    torch.set_num_threads(int(overrides.pop("threads")))
+    workflow = _workflow(output_dir, bundle=FOUNDATION_BUNDLE, **overrides)
+    start = time.perf_counter()
+    workflow.run()
+    wall = time.perf_counter() - start
+    iterations = workflow.parser.get_parsed_content("train#trainer").state.iteration
+    workflow.finalize()
+    report = json.loads((Path(output_dir) / "validation" / "metrics.json").read_text())
+    queue.put(
+        {
+            "checkpoint": str(Path(output_dir) / "models" / "model.pt"),
+            "iterations": iterations,
+            "wall_s": wall,
+            "peak_rss_gb": _peak_rss_gb(),
+            "summary": report["summary"],
+        }
     )
-    process.start()
-    result = queue.get()
-    process.join()
-    if process.exitcode != 0:
-        raise RuntimeError(f"training in {output_dir} failed with exit code {process.exitcode}")
-    return result
+
+
+def run_foundation(output_dir: str | os.PathLike, threads: int = 2, **overrides: Any) -> dict[str, Any]:
+    """Train the ``vessa_foundation`` bundle (Stage 1) in a fresh process; its last validation round is VESSA alone
+    on ``val.list``.
+
+    Returns:
+        ``checkpoint`` (the run's ``models/model.pt``), ``iterations``, ``wall_s``, ``peak_rss_gb`` and the
+        per-class ``summary`` of the validation metrics.
+    """
+    return _in_process(_train_foundation, output_dir, {**overrides, "threads": threads})
 
 
 def bare_unimatch_v2_step(
@@ -150,7 +210,7 @@ def bare_unimatch_v2_step(
     return loss.item()
 
 
-def _overhead(output_dir: str, iterations: int, overrides: dict[str, Any], queue: mp.Queue) -> None:
+def _overhead(output_dir: str, overrides: dict[str, Any], iterations: int, queue: mp.Queue) -> None:
     from ignite.engine import Events
 
     torch.set_num_threads(int(overrides.pop("threads")))
@@ -203,14 +263,7 @@ def _cycle(loader):
 def measure_overhead(output_dir: str | os.PathLike, iterations: int = 30, threads: int = 2, **overrides: Any) -> dict:
     """Samples/s of the bundle's trainer and of :func:`bare_unimatch_v2_step` over the same loaders and networks,
     measured in one process (bare, trainer, bare again, to cancel drift); the ratio is trainer / bare."""
-    queue: mp.Queue = mp.get_context("spawn").Queue()
-    process = mp.get_context("spawn").Process(
-        target=_overhead, args=(str(output_dir), iterations, {**overrides, "threads": threads}, queue)
-    )
-    process.start()
-    result = queue.get()
-    process.join()
-    return result
+    return _in_process(_overhead, output_dir, {**overrides, "threads": threads}, iterations)
 
 
 def summarize_runs(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -217,27 +217,32 @@ def _colour_labels(label: np.ndarray) -> np.ndarray:
 def plot_overlay(
     image: np.ndarray,
     label: np.ndarray,
-    pred: np.ndarray,
+    pred: np.ndarray | Mapping[str, np.ndarray],
     class_names: Sequence[str],
     slices: Sequence[int],
     out: str | os.PathLike,
     title: str = "",
     axis: int = 0,
 ) -> Path:
-    """One row per slice: the image, the image with the ground truth, the image with the prediction.
+    """One row per slice: the image, the image with the ground truth, the image with each prediction.
 
     Args:
-        image, label, pred: volumes of the same shape (intensities; label values ``0..C``).
+        image, label: volumes of the same shape (intensities; label values ``0..C``).
+        pred: the prediction volume, or several by name (one column each, e.g. one per method).
         class_names: names of the label values, background first (for the legend).
         slices: slice indices along ``axis``.
         out: PNG path.
         title: figure title.
         axis: the slice axis.
     """
-    image, label, pred = (np.moveaxis(np.asarray(a), axis, 0) for a in (image, label, pred))
-    fig, axes = plt.subplots(len(slices), 3, figsize=(9, 3 * len(slices)), dpi=100, squeeze=False)
+    preds = dict(pred) if isinstance(pred, Mapping) else {"prediction": pred}
+    image, label = (np.moveaxis(np.asarray(a), axis, 0) for a in (image, label))
+    preds = {name: np.moveaxis(np.asarray(p), axis, 0) for name, p in preds.items()}
+    columns = 2 + len(preds)
+    fig, axes = plt.subplots(len(slices), columns, figsize=(3 * columns, 3 * len(slices)), dpi=100, squeeze=False)
     for row, k in enumerate(slices):
-        for col, (overlay, name) in enumerate(((None, "image"), (label[k], "ground truth"), (pred[k], "prediction"))):
+        panels = [(None, "image"), (label[k], "ground truth"), *((p[k], name) for name, p in preds.items())]
+        for col, (overlay, name) in enumerate(panels):
             ax = axes[row, col]
             ax.imshow(image[k], cmap="gray")
             if overlay is not None:

@@ -519,6 +519,7 @@ class TemplateBank:
         positions: float | Sequence[float | None] | None = None,
         phases: str | Sequence[str | None] | None = None,
         embed_fn: EmbedFn | None = None,
+        exclude_name: str | Sequence[str | None] | None = None,
     ) -> list[list[TemplateMatch]]:
         """:meth:`match` for a batch of queries: one encoder call and one matrix product for all of them.
 
@@ -526,6 +527,8 @@ class TemplateBank:
             images: query slices [B, 1, H, W] in [0, 1].
             class_names, exclude_patient, dataset, positions, phases: one value for all queries or one per query.
             k, embed_fn: see :meth:`match`.
+            exclude_name: an exemplar (slice name) that does not qualify, one for all queries or one per query: the
+                query itself when Stage 1 has a single labelled patient to draw templates from.
 
         Returns:
             for each query, its matches, best first.
@@ -541,10 +544,14 @@ class TemplateBank:
         query_datasets = _per_item(dataset, count, "dataset")
         query_positions = _per_item(positions, count, "positions")
         query_phases = _per_item(phases, count, "phases")
+        query_names = _per_item(exclude_name, count, "exclude_name")
         columns = self._columns()
         # which exemplars qualify, per query: checked before any encoder runs so bad arguments fail fast
         allowed = torch.stack(
-            [self._qualifying(columns, *item) for item in zip(query_classes, query_datasets, query_patients)]
+            [
+                self._qualifying(columns, *item)
+                for item in zip(query_classes, query_datasets, query_patients, query_names)
+            ]
         )
         bank_embeddings = self._current_embeddings(embed_fn)
         encoder = embed_fn if embed_fn is not None else self.embed_fn
@@ -738,9 +745,15 @@ class TemplateBank:
         return self._embeddings
 
     def _qualifying(
-        self, columns: _Columns, class_name: str, dataset: str | None, exclude_patient: str | None
+        self,
+        columns: _Columns,
+        class_name: str,
+        dataset: str | None,
+        exclude_patient: str | None,
+        exclude_name: str | None = None,
     ) -> torch.Tensor:
-        """[N] bool: the exemplars (of ``dataset``, not of ``exclude_patient``) with a non-empty ``class_name`` mask."""
+        """[N] bool: the exemplars (of ``dataset``, not of ``exclude_patient``, not named ``exclude_name``) with a
+        non-empty ``class_name`` mask."""
         datasets = self.datasets() if dataset is None else [self._check_dataset(dataset)]
         known = [d for d in datasets if class_name in self._class_names[d]]
         if not known:
@@ -753,9 +766,12 @@ class TemplateBank:
             allowed |= (columns.dataset_codes == self.datasets().index(name)) & columns.present[:, value]
         if exclude_patient is not None and exclude_patient in columns.patients:
             allowed &= columns.patient_codes != columns.patients[exclude_patient]
+        if exclude_name is not None:
+            allowed &= torch.tensor([e.name != exclude_name for e in self.exemplars], dtype=torch.bool)
         if not allowed.any():
             where = f"in data set '{dataset}'" if dataset is not None else f"in data sets {known}"
             excluding = f" apart from patient '{exclude_patient}'" if exclude_patient is not None else ""
+            excluding += f" apart from slice '{exclude_name}'" if exclude_name is not None else ""
             raise ValueError(f"no exemplar shows class '{class_name}' {where}{excluding}")
         return allowed
 

@@ -66,8 +66,8 @@ BUDGETS: dict[str, dict[str, Any]] = {
         "foundation_iterations": 3000, "vessa_refresh_interval": 200, "pool_quality_interval": 500,
     },
     "reduced": {
-        "max_iterations": 300, "val_interval": 300, "roi_size": 96, "batch_size": 4,
-        "foundation_iterations": 600, "vessa_refresh_interval": 100, "pool_quality_interval": 100,
+        "max_iterations": 200, "val_interval": 200, "roi_size": 96, "batch_size": 4,
+        "foundation_iterations": 400, "vessa_refresh_interval": 100, "pool_quality_interval": 50,
     },
 }
 
@@ -188,6 +188,7 @@ def main(
     vessa_sam2_preset: str = "small_cpu",
     vessa_image_size: int = 128,
     overrides: dict | None = None,
+    report_only: bool = False,
 ) -> None:
     """Train every method for every labelled-cases setting and seed (and the foundation runs the VESSA methods need),
     then write the tables and figures.
@@ -196,6 +197,7 @@ def main(
     ``max_iterations``, ``val_interval``, ``roi_size``, ``batch_size`` and ``foundation_iterations`` override it.
     ``overrides``: further bundle ids for every Stage-2 run, e.g. ``--overrides '{"conf_thresh": 0.9}'``.
     ``overhead_iterations`` > 0 also measures the trainer against a bare PyTorch loop.
+    ``report_only``: train nothing; write the tables and figures of the runs ``results.json`` already holds.
     """
     out = Path(out_dir)
     if overrides is not None and not isinstance(overrides, dict):
@@ -234,7 +236,10 @@ def main(
     write_json(out / "results.json", results)
 
     jobs = [("foundation", n, name, 0) for n in case_list for name in _foundation_names(needs_vessa, vessa_ckpt, vessa_no_vlm_ckpt)]
-    jobs += [("stage2", n, m, s) for n in case_list for m in method_list for s in seed_list]
+    # seed by seed: an interrupted benchmark has whole seeds to report (--report_only)
+    jobs += [("stage2", n, m, s) for s in seed_list for n in case_list for m in method_list]
+    if report_only:
+        jobs = []
     for kind, n, name, seed in tqdm(jobs, desc="training runs", disable=not show_progress()):
         state = results["setting"][n]
         setting_dir = out / f"l{n}"
@@ -275,6 +280,8 @@ def main(
     for n in case_list:
         state, setting_dir = results["setting"][n], out / f"l{n}"
         runs = {m: state["runs"][m] for m in method_list if state["runs"].get(m)}
+        if not runs:
+            continue
         summary = {m: summarize_runs(rs) for m, rs in runs.items()}
         state["summary"] = summary
         note = (f"### labeled_cases={n}\n\n{dataset_dir}, seeds {', '.join(map(str, seed_list))}; evaluation per 3D "

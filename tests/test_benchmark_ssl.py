@@ -103,3 +103,6 @@ def test_ablation_end_to_end_and_resume(tmp_path, acdc_root, tool):
     stamp = model.stat().st_mtime_ns
     tool.main(**kwargs)
     assert model.stat().st_mtime_ns == stamp
+    # asking for another setting keeps the runs of this one in results.json
+    tool.main(**{**kwargs, "labeled_cases": "2", "report_only": True})
+    assert json.loads((out / "results.json").read_text())["setting"]["1"]["runs"] == setting["runs"]

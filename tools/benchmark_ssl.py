@@ -239,7 +239,8 @@ def main(
     results: dict[str, Any] = {
         "settings": {"budget": budget, "common": common, "foundation": foundation_settings, **settings}, "setting": {}
     }
-    for n in case_list:  # resume what was trained with the same settings
+    # resume what was trained with the same settings; settings not asked for this time are kept, not dropped
+    for n in dict.fromkeys([*previous.get("setting", {}), *case_list]):
         before = previous.get("setting", {}).get(n, {})
         results["setting"][n] = {
             "foundations": before.get("foundations", {}) if same_foundations else {},

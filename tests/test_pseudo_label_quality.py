@@ -207,11 +207,20 @@ def test_out_of_range_label_names_the_file(tmp_path, pool):
         handler.attach(Engine(lambda e, b: None))
 
 
-def test_resumed_run_keeps_earlier_records(tmp_path, pool):
+def test_resumed_run_keeps_earlier_records_and_a_fresh_run_drops_them(tmp_path, pool):
     out = tmp_path / "q.json"
-    out.write_text(json.dumps([{"iteration": 1, "old": True}, {"iteration": 9, "old": True}]))
+    old = [{"iteration": 2, "old": True}, {"iteration": 4, "old": True}, {"iteration": 6, "old": True}]
+    out.write_text(json.dumps(old))
     handler = PseudoLabelQuality(FakeLabeler(), _teacher(), pool, ACDC_CLASS_NAMES, interval=2, output_file=out, image_size=SIDE)
-    _run(handler, 2)  # a fresh Engine starts at iteration 0; a resumed trainer would start past 1
+    engine = Engine(lambda e, b: None)
+    handler.attach(engine)
+    engine.load_state_dict({"iteration": 4, "epoch_length": 4, "max_epochs": 1})  # what a checkpoint restores
+    engine.run(range(4), max_epochs=2)
     records = json.loads(out.read_text())
-    assert [(r["iteration"], r.get("old", False)) for r in records] == [(1, True), (2, False)]
+    assert [(r["iteration"], r.get("old", False)) for r in records] == [(2, True), (4, True), (6, False), (8, False)]
     assert not list(tmp_path.glob(".q.json.*"))  # written through a temporary file, nothing left behind
+
+    out.write_text(json.dumps(old))
+    fresh = PseudoLabelQuality(FakeLabeler(), _teacher(), pool, ACDC_CLASS_NAMES, interval=2, output_file=out, image_size=SIDE)
+    _run(fresh, 3)
+    assert [(r["iteration"], r.get("old", False)) for r in json.loads(out.read_text())] == [(2, False), (3, False)]

@@ -124,7 +124,8 @@ class PseudoLabelQuality:
 
     and sets ``engine.state.metrics["vessa_pool_dice"]`` and ``["teacher_pool_dice"]`` (the two ``mean_dice``; NaN
     when undefined) for the loggers that follow it. When training completes at an iteration already scored, no record
-    is added. A run resumed into the same ``output_dir`` keeps the file's records from before its first evaluation.
+    is added. A run resumed into the same ``output_dir`` keeps the file's records up to the iteration it resumed from; a
+    run from iteration 0 replaces the file, so records of an older run in the same folder do not survive.
     In a distributed run only rank 0 scores and writes.
 
     Args:
@@ -184,6 +185,7 @@ class PseudoLabelQuality:
         self.images: torch.Tensor | None = None  # [N, 1, S, S] float32, on the CPU
         self.labels: torch.Tensor | None = None  # [N, S, S] long, on the CPU
         self.records: list[dict[str, Any]] | None = None  # loaded from output_file at the first evaluation
+        self.start_iteration: int | None = None  # the iteration the run started from (> 0 when resumed)
 
     @property
     def active(self) -> bool:
@@ -196,8 +198,14 @@ class PseudoLabelQuality:
         self.load()
         if self.images is None:
             return
+        engine.add_event_handler(Events.ITERATION_STARTED, self._mark_start)
         engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.interval), self)
         engine.add_event_handler(Events.COMPLETED, self)
+
+    def _mark_start(self, engine: Engine) -> None:
+        # read at the first iteration, not at STARTED, so that a checkpoint loaded at STARTED is already applied
+        if self.start_iteration is None:
+            self.start_iteration = int(engine.state.iteration) - 1
 
     def load(self) -> None:
         """Load the subset's slices and labels on the reference grid (once; inert when the pool has no labels)."""
@@ -303,9 +311,9 @@ class PseudoLabelQuality:
             "teacher": {"dice": dict(zip(names, dice_t)), "mean_dice": _mean(dice_t)},
         }
 
-    def _load_records(self, iteration: int) -> list[dict[str, Any]]:
-        """The records of ``output_file`` from before ``iteration`` (a resumed run continues its file)."""
-        if not self.output_file.is_file():
+    def _load_records(self, start_iteration: int) -> list[dict[str, Any]]:
+        """The records of ``output_file`` up to ``start_iteration`` (a resumed run continues its file)."""
+        if start_iteration <= 0 or not self.output_file.is_file():
             return []
         try:
             old = json.loads(self.output_file.read_text())
@@ -313,7 +321,7 @@ class PseudoLabelQuality:
             return []
         if not isinstance(old, list):
             return []
-        return [r for r in old if isinstance(r, dict) and isinstance(r.get("iteration"), int) and r["iteration"] < iteration]
+        return [r for r in old if isinstance(r, dict) and isinstance(r.get("iteration"), int) and r["iteration"] <= start_iteration]
 
     def __call__(self, engine: Engine) -> None:
         if not self.active:
@@ -322,7 +330,7 @@ class PseudoLabelQuality:
             return
         iteration = int(engine.state.iteration)
         if self.records is None:
-            self.records = self._load_records(iteration)
+            self.records = self._load_records(self.start_iteration or 0)
         if self.records and self.records[-1]["iteration"] == iteration:
             return  # COMPLETED right after an interval's evaluation: nothing new to score
         record = self.evaluate(engine)

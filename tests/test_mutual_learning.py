@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -169,3 +174,24 @@ def test_bundle_fine_tunes_vessa_logs_loss_ml_and_resumes_it(tmp_path, acdc_root
     resumed.run()  # loads the checkpoint of iteration 1: nothing left to train
     assert not _changed(tuned, _state(restored)) and restored.mutual_learning_steps == 1
     resumed.finalize()
+
+
+@pytest.mark.slow
+def test_two_torchrun_processes_take_the_same_step(tmp_path, acdc_root):
+    """Real gloo processes: rank 1's teacher is never confident, yet both ranks step together and stay identical
+    (without the gradient all-reduce rank 1 would keep the old decoder, or hang waiting for rank 0)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    script = Path(__file__).with_name("ddp_mutual_learning.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", port,
+           str(script), str(acdc_root), str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert torch.equal(ranks[0]["before"], ranks[1]["before"])
+    assert not torch.equal(ranks[0]["before"], ranks[0]["after"])  # the step happened
+    assert torch.equal(ranks[0]["after"], ranks[1]["after"])  # and it was the same step on both ranks
+    assert ranks[0]["result"]["loss_ml"] > 0 and ranks[1]["result"] == {"loss_ml": 0.0, "kept_share": 0.0}
+    assert ranks[0]["steps"] == ranks[1]["steps"] == 1

@@ -34,6 +34,24 @@ _MAX_PROMPT_LOGIT = 10.0
 _IGNORED_LOGIT = -1.0e4
 
 
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _average_gradients(module: nn.Module) -> None:
+    """Average ``module``'s gradients over the ranks (a missing one counts as zero), so that every rank takes the
+    same optimiser step and the ranks' copies of VESSA stay identical."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    torch.distributed.all_reduce(flat)
+    flat /= torch.distributed.get_world_size()
+    offset = 0
+    for p in params:
+        p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
+        offset += p.numel()
+
+
 class VessaPseudoLabeler:
     """Cached VESSA pseudo-labels for unlabelled slices.
 
@@ -192,7 +210,9 @@ class VessaPseudoLabeler:
         probability) reaches ``conf_thresh``: BCE summed there and divided by all pixels, Dice over those pixels only.
         The templates are matched as in :meth:`VessaSegmenter.forward`, and the teacher's prediction is VESSA's
         prompt when :meth:`feedback_active` at ``iteration`` (never when ``iteration`` is ``None``), as in
-        :meth:`__call__`. A step empties the cache; without a confident pixel no step is taken.
+        :meth:`__call__`. A step empties the cache; without a confident pixel no step is taken. In a distributed run the
+        ranks' gradients are averaged before the step (a rank without a confident pixel adds zeros), so that the ranks'
+        copies of VESSA stay identical; the step is skipped only when no rank has a confident pixel.
 
         Args:
             images: ``[B, 1, H, W]`` reference-grid unlabelled slices in [0, 1].
@@ -213,7 +233,14 @@ class VessaPseudoLabeler:
         confidence, labels = teacher.max(dim=1)
         keep = confidence >= conf_thresh  # [B, S, S]
         kept_share = float(keep.float().mean())
-        if not keep.any():
+        world = _world_size()
+        any_kept = keep.any()
+        if world > 1:  # every rank must take the step, or none, or the gradient all-reduce below would hang
+            flag = any_kept.to(torch.float32).reshape(1)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            if not bool(flag.item()):
+                return {"loss_ml": 0.0, "kept_share": 0.0}
+        elif not any_kept:
             return {"loss_ml": 0.0, "kept_share": 0.0}
         num_classes = teacher.shape[1] - 1
         targets = F.one_hot(labels, num_classes + 1)[..., 1:].permute(0, 3, 1, 2).float()  # [B, C, S, S]
@@ -222,16 +249,20 @@ class VessaPseudoLabeler:
         decoder, optimizer = self._decoder(), self._decoder_optimizer()
         self.segmenter.eval()
         decoder.requires_grad_(True)
+        loss = torch.zeros(())
         try:
-            with torch.enable_grad():
-                logits = self.segmenter.class_logits(self._to_vessa_size(images.clamp(0.0, 1.0)), mask_prompts, boxes)
-                if logits.shape != targets.shape:
-                    raise ValueError(f"VESSA segments {logits.shape[1]} classes, the teacher {num_classes}")
-                kept = keep.unsqueeze(1).expand_as(logits)
-                logits = torch.where(kept, logits.float(), torch.full_like(logits, _IGNORED_LOGIT))
-                loss = self._mask_loss(logits.flatten(0, 1)[:, None], (targets * kept).flatten(0, 1)[:, None])["loss"]
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if any_kept:
+                with torch.enable_grad():
+                    logits = self.segmenter.class_logits(self._to_vessa_size(images.clamp(0.0, 1.0)), mask_prompts, boxes)
+                    if logits.shape != targets.shape:
+                        raise ValueError(f"VESSA segments {logits.shape[1]} classes, the teacher {num_classes}")
+                    kept = keep.unsqueeze(1).expand_as(logits)
+                    logits = torch.where(kept, logits.float(), torch.full_like(logits, _IGNORED_LOGIT))
+                    loss = self._mask_loss(logits.flatten(0, 1)[:, None], (targets * kept).flatten(0, 1)[:, None])["loss"]
+                loss.backward()
+            if world > 1:
+                _average_gradients(decoder)
             optimizer.step()
         finally:
             optimizer.zero_grad(set_to_none=True)

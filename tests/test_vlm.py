@@ -171,6 +171,30 @@ def test_off_mode_uses_a_learned_embedding_per_class():
         Qwen3VLPrompter(train_vlm="off")
 
 
+def test_gated_prompt_starts_as_the_class_prompt_and_lets_the_vlm_in_through_its_gate():
+    torch.manual_seed(0)
+    prompter = Qwen3VLPrompter(class_names=["left_ventricle", "liver"], gated_vlm_prompt=True)
+    classes = torch.tensor([0, 0])
+    images, overlays = _images()
+    closed = prompter(images, overlays, [TEXTS[0], TEXTS[0]], classes)
+    # gate at 0: the prompt is the class's learned prompt, whatever the VLM makes of the images
+    torch.testing.assert_close(closed.embeddings, prompter.class_prompt.weight[[0, 0]])
+    assert torch.isfinite(closed.lm_loss)
+    closed.embeddings.sum().backward()
+    assert prompter.vlm_gate.grad != 0  # the gate learns whether the VLM's prompt helps
+    assert prompter.class_prompt.weight.grad[1].abs().sum() == 0 and prompter.class_prompt.weight.grad[0].abs().sum() > 0
+    assert all(float(p.grad.abs().sum()) == 0 for p in prompter.text_hidden_fcs.parameters())
+
+    with torch.no_grad():
+        prompter.vlm_gate.fill_(0.5)
+    opened = prompter(images, overlays, [TEXTS[0], TEXTS[0]], classes).embeddings
+    assert not torch.allclose(opened[0], opened[1])  # different images now give different prompts
+    with pytest.raises(ValueError, match="class_indices"):
+        prompter(images, overlays, TEXTS)
+    with pytest.raises(ValueError, match="class_names"):
+        Qwen3VLPrompter(gated_vlm_prompt=True)
+
+
 def test_unknown_training_mode_raises():
     with pytest.raises(ValueError, match="train_vlm must be one of"):
         Qwen3VLPrompter(train_vlm="partial")

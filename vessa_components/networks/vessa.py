@@ -260,6 +260,7 @@ def build_vessa_model(
     vlm_dtype: str | None = None,
     vlm_max_image_pixels: int | None = None,
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
+    gated_vlm_prompt: bool = True,
 ) -> VessaModel:
     """Build VESSA from its bundle's top-level settings: SAM2 parts, the Qwen3-VL prompter and the model around them.
 
@@ -279,6 +280,8 @@ def build_vessa_model(
         vlm_dtype: dtype of the VLM's weights (``"bfloat16"`` on GPUs); empty keeps float32.
         vlm_max_image_pixels: pixel budget of each image given to the VLM; empty keeps the image processor's.
         prompt_template: the reference text with ``{modality}`` and ``{class}`` fields.
+        gated_vlm_prompt: the VLM's ``<SEG>`` prompt enters through a zero-initialised gate on top of a learned
+            per-class prompt (see :class:`Qwen3VLPrompter`); ``False`` gives the paper's plain ``<SEG>`` prompt.
 
     Raises:
         ValueError: an image size the SAM2 encoder cannot take, a SAM2 checkpoint that does not match the model, an
@@ -298,6 +301,7 @@ def build_vessa_model(
         class_names=class_names,
         max_image_pixels=vlm_max_image_pixels or None,
         torch_dtype=vlm_dtype or None,
+        gated_vlm_prompt=gated_vlm_prompt,
     )
     model = VessaModel(sam2, prompter, class_names, modality=modality, prompt_template=prompt_template)
     return model.train()

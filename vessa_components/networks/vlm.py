@@ -7,6 +7,13 @@ at the ``<SEG>`` token. A LISA-style MLP (``text_hidden_fcs``: hidden -> hidden 
 prompt embedding for SAM2's mask decoder. The language-model cross-entropy on the answer tokens is returned as well,
 for Stage-1's ``w_ce * LM CE`` term.
 
+With ``gated_vlm_prompt`` (what :func:`~vessa_components.networks.build_vessa_model` builds) the prompt is a learned
+per-class prompt plus ``tanh(vlm_gate)`` times the ``<SEG>`` prompt, with the gate starting at 0 (as Flamingo's gated
+cross-attention and ControlNet's zero convolutions start): VESSA starts as its no-VLM form and lets the VLM in only as
+far as the segmentation loss finds it useful. A VLM whose prompts carry no information (the tiny random one, a frozen
+VLM that does not understand the modality) then cannot make VESSA worse than without it; LISA's and the paper's plain
+``<SEG>`` prompt is ``gated_vlm_prompt=False``.
+
 Real weights load from a local Hugging Face directory (``vlm_path``; nothing is ever downloaded). Without one, a tiny
 random Qwen3-VL (:func:`tiny_qwen3vl_config`), a byte-level BPE tokenizer trained on the prompt vocabulary
 (:func:`build_tiny_tokenizer`) and an image processor for small images are built instead: that model is for tests
@@ -340,6 +347,9 @@ class Qwen3VLPrompter(nn.Module):
         lora_dropout: dropout on the LoRA adapters' input.
         class_names: the classes of ``"off"`` mode, in the order of ``class_indices``.
         class_embedding_dim: width of the learned class embeddings of ``"off"`` mode (the MLP's input width).
+        gated_vlm_prompt: with a VLM, add the ``<SEG>`` prompt to a learned per-class prompt (``class_prompt``, one
+            ``out_dim`` vector per entry of ``class_names``) through ``tanh(vlm_gate)``, ``vlm_gate`` starting at 0;
+            ``forward`` then also needs ``class_indices``. Ignored when ``train_vlm="off"``.
         answer: the teacher-forced assistant answer; it must contain exactly one ``<SEG>``.
         min_image_pixels: lower bound of the pixel count each image is resized to (a multiple of 32 x 32);
             ``None`` keeps the image processor's own (65536 for the published Qwen3-VL).
@@ -369,6 +379,7 @@ class Qwen3VLPrompter(nn.Module):
         min_image_pixels: int | None = None,
         max_image_pixels: int | None = None,
         torch_dtype: str | torch.dtype | None = None,
+        gated_vlm_prompt: bool = False,
     ) -> None:
         super().__init__()
         if train_vlm not in VLM_TRAINING_MODES:
@@ -383,6 +394,8 @@ class Qwen3VLPrompter(nn.Module):
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.image_processor: Qwen2VLImageProcessor | None = None
         self.class_embedding: nn.Embedding | None = None
+        self.class_prompt: nn.Embedding | None = None
+        self.vlm_gate: nn.Parameter | None = None
         #: the checkpoint directory the VLM was loaded from; ``None`` for the tiny random VLM and for ``"off"``
         self.vlm_path: str | None = str(vlm_path) if vlm_path and train_vlm != "off" else None
 
@@ -396,6 +409,11 @@ class Qwen3VLPrompter(nn.Module):
             self.seg_token_id = self._add_seg_token()
             self._configure_training(freeze_vision_tower, lora_rank, lora_alpha, lora_dropout)
             hidden_size = self.vlm.config.text_config.hidden_size
+            if gated_vlm_prompt:
+                if not self.class_names:
+                    raise ValueError("gated_vlm_prompt needs class_names: one learned prompt per class.")
+                self.class_prompt = nn.Embedding(len(self.class_names), out_dim)
+                self.vlm_gate = nn.Parameter(torch.zeros(()))
         self.hidden_size = hidden_size
         # LISA's text_hidden_fcs
         self.text_hidden_fcs = nn.Sequential(
@@ -538,7 +556,7 @@ class Qwen3VLPrompter(nn.Module):
         """Prompt embeddings ``(B, out_dim)`` and the answer's LM loss; see the class docstring for the inputs.
 
         With ``train_vlm="off"`` only ``class_indices`` (``(B,)`` indices into ``class_names``) is used and
-        ``lm_loss`` is ``None``.
+        ``lm_loss`` is ``None``; ``gated_vlm_prompt`` needs ``class_indices`` as well.
         """
         if self.class_embedding is not None:
             if class_indices is None:
@@ -559,7 +577,12 @@ class Qwen3VLPrompter(nn.Module):
             lm_loss = self._answer_loss(hidden, labels)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         seg_hidden = hidden[rows, seg_positions].to(self.text_hidden_fcs[0].weight.dtype)
-        return PromptOutput(self.text_hidden_fcs(seg_hidden), lm_loss)
+        prompt = self.text_hidden_fcs(seg_hidden)
+        if self.class_prompt is not None:
+            if class_indices is None:
+                raise ValueError("gated_vlm_prompt needs class_indices (indices into class_names).")
+            prompt = self.class_prompt(class_indices.to(prompt.device)) + torch.tanh(self.vlm_gate) * prompt
+        return PromptOutput(prompt, lm_loss)
 
     def _answer_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy over the answer tokens, as the model's own loss with these labels, but with

@@ -10,7 +10,7 @@ from ignite.engine import Events
 
 from vessa_components.data import DataError
 from vessa_components.data.stage1 import foreground_class_names, resolve_datasets
-from vessa_components.engines import VessaStage1Trainer
+from vessa_components.engines import VessaStage1Trainer, simulated_feedback
 from vessa_components.losses import VessaMaskLoss
 from vessa_components.networks import Qwen3VLPrompter, VessaSegmenter, build_vessa_model
 from vessa_components.templates import TemplateBank
@@ -53,13 +53,13 @@ def _batch(seeds=(0, 2), patients=("p1", "p2")) -> dict:
             "dataset": ["acdc"] * len(seeds)}
 
 
-def _train(model, bank, batches, iterations, lr=1e-3):
+def _train(model, bank, batches, iterations, lr=1e-3, **kwargs):
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr)
-    trainer = VessaStage1Trainer("cpu", iterations, batches, model, optimizer, bank)
+    trainer = VessaStage1Trainer("cpu", iterations, batches, model, optimizer, bank, **kwargs)
     outputs = []
     trainer.add_event_handler(
         Events.ITERATION_COMPLETED,
-        lambda e: outputs.append({k: e.state.output[k].detach().clone() for k in ("loss", "loss_bce", "loss_dice", "loss_ce")}),
+        lambda e: outputs.append({k: e.state.output[k].detach().clone() for k in ("loss", "loss_bce", "loss_dice", "loss_ce", "prompted")}),
     )
     trainer.run()
     return trainer, outputs
@@ -96,6 +96,41 @@ def test_lora_adds_the_answer_loss_and_trains_only_adapters():
     lora = [p for n, p in named.items() if "lora_" in n]
     assert lora and all(p.grad is not None for p in lora)
     assert all(p.grad is None for n, p in named.items() if "lora_" not in n)
+
+
+def test_simulated_feedback_corrupts_the_target_within_its_bounds():
+    targets = torch.zeros(40, 1, SIZE, SIZE)
+    targets[:, :, 20:40, 24:36] = 1.0
+    torch.manual_seed(0)
+    probs, masks = simulated_feedback(targets)
+    assert probs.shape == masks.shape == targets.shape and set(masks.unique().tolist()) <= {0.0, 1.0}
+    assert ((probs > 0.5) == (masks > 0.5)).all() and ((probs >= 0.01 - 1e-6) & (probs <= 0.99 + 1e-6)).all()
+    missing = masks.flatten(1).sum(1) == 0
+    assert 0 < int(missing.sum()) < 20  # about a fifth of the students miss the class
+    seen = masks[~missing]
+    assert not torch.equal(seen, targets[~missing])  # the others are shifted, grown or shrunk ...
+    # ... by at most 8 pixels of shift and 3 of growth: the box stays within those margins of the target's
+    rows, cols = seen[:, 0].amax(2) > 0, seen[:, 0].amax(1) > 0
+    top = rows.float().argmax(1)
+    left = cols.float().argmax(1)
+    assert ((top >= 20 - 11) & (top <= 20 + 11)).all() and ((left >= 24 - 11) & (left <= 24 + 11)).all()
+    exact_probs, exact = simulated_feedback(targets, miss_prob=0.0, max_shift=0, max_radius=0)
+    assert torch.equal(exact, targets) and (exact_probs[targets > 0] >= 0.6).all()
+
+
+def test_feedback_prompts_train_the_prompt_encoders_only_when_asked():
+    torch.manual_seed(0)
+    model = build_vessa_model(ACDC[1:], image_size=SIZE, train_vlm="off")
+    mask_encoder = model.sam2.sam_prompt_encoder.mask_downscaling
+    _, outputs = _train(model, _bank(), [_batch()], iterations=1)
+    assert float(outputs[0]["prompted"]) == 0.0 and all(p.grad is None for p in mask_encoder.parameters())
+    _, outputs = _train(model, _bank(), [_batch()], iterations=2, feedback_prompt_prob=1.0)
+    assert [float(o["prompted"]) for o in outputs] == [1.0, 1.0]
+    assert all(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in mask_encoder.parameters())
+    box_corners = model.sam2.sam_prompt_encoder.point_embeddings[2].weight  # SAM's top-left box corner embedding
+    assert box_corners.grad is not None and float(box_corners.grad.abs().sum()) > 0
+    with pytest.raises(ValueError, match="feedback_prompt_prob"):
+        _train(model, _bank(), [_batch()], iterations=1, feedback_prompt_prob=1.5)
 
 
 def test_vlm_off_has_no_answer_loss():

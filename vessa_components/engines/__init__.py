@@ -12,7 +12,7 @@ from .unimatch_v2 import (
     unlabeled_data,
 )
 from .vessa_labels import VessaPseudoLabeler, build_vessa_labeler
-from .vessa_stage1 import VessaStage1Trainer
+from .vessa_stage1 import VessaStage1Trainer, simulated_feedback
 
 __all__ = [
     "FUSIONS",
@@ -28,5 +28,6 @@ __all__ = [
     "cycle_loader",
     "frozen_batchnorm_stats",
     "pseudo_label_loss",
+    "simulated_feedback",
     "unlabeled_data",
 ]

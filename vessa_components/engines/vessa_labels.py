@@ -23,13 +23,11 @@ from torch import nn
 
 from ..data.errors import DataError
 from ..losses.vessa import VessaMaskLoss
-from ..networks.vessa import VessaSegmenter, boxes_from_masks, build_vessa_model
+from ..networks.vessa import VessaSegmenter, build_vessa_model, feedback_prompts
 from ..templates.bank import TemplateBank
 
 __all__ = ["VessaPseudoLabeler", "build_vessa_labeler"]
 
-#: prompts are logits; a teacher probability of exactly 0 or 1 would give an infinite one
-_MAX_PROMPT_LOGIT = 10.0
 #: logit given to the pixels mutual learning leaves out (target 0): sigmoid 0 and BCE 0, so they add nothing
 _IGNORED_LOGIT = -1.0e4
 
@@ -154,16 +152,12 @@ class VessaPseudoLabeler:
         ``[B, C, 1, S, S]`` and, with ``feedback_boxes``, boxes ``[B, C, 4]``; ``(None, None)`` without a teacher."""
         if teacher_probs is None:
             return None, None
-        foreground = teacher_probs[:, 1:]
-        mask_prompts = torch.logit(foreground, eps=1e-6).clamp(-_MAX_PROMPT_LOGIT, _MAX_PROMPT_LOGIT).unsqueeze(2)
-        if not self.feedback_boxes:
-            return mask_prompts, None
-        (b, c), size = foreground.shape[:2], foreground.shape[-2:]
-        hard = F.one_hot(teacher_probs.argmax(1), c + 1)[..., 1:]
-        hard = hard.permute(0, 3, 1, 2).reshape(b * c, 1, *size).float()
-        box, present = boxes_from_masks(hard)
-        whole = torch.tensor([0.0, 0.0, size[1], size[0]], device=box.device)
-        return mask_prompts, torch.where(present[:, None], box, whole).view(b, c, 4)
+        b, c, size = teacher_probs.shape[0], teacher_probs.shape[1] - 1, teacher_probs.shape[-2:]
+        foreground = teacher_probs[:, 1:].reshape(b * c, 1, *size)
+        hard = F.one_hot(teacher_probs.argmax(1), c + 1)[..., 1:].permute(0, 3, 1, 2).reshape(b * c, 1, *size).float()
+        mask_prompts, boxes = feedback_prompts(foreground, hard)
+        mask_prompts = mask_prompts.view(b, c, 1, *size)
+        return (mask_prompts, boxes.view(b, c, 4)) if self.feedback_boxes else (mask_prompts, None)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, teacher_probs: torch.Tensor | None = None) -> torch.Tensor:

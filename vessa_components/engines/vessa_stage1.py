@@ -13,6 +13,12 @@ Per iteration, for a batch of labelled slices ``(x, y)`` that may come from seve
 
 A class absent from a slice is still asked for: its target is empty, so VESSA learns to answer "nothing here", which
 Stage 2's pseudo-labels need.
+
+With ``feedback_prompt_prob`` > 0, that share of the iterations also gives VESSA the prompts of Stage 2's feedback (a
+dense mask prompt and a box, :func:`~vessa_components.networks.feedback_prompts`) made from a corrupted copy of each
+target (:func:`simulated_feedback`: shifted, grown or shrunk, sometimes missing, with a random confidence). Without
+it SAM2's mask and box prompt encoders never train, and Stage 2's feedback would reach VESSA through random weights;
+with it VESSA learns to refine a rough, partly wrong mask of the class rather than to copy it.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from torch.optim.optimizer import Optimizer
 from torch.utils.data import DataLoader
 
 from ..losses.vessa import VessaMaskLoss
-from ..networks.vessa import VessaModel
+from ..networks.vessa import VessaModel, feedback_prompts
 from ..templates.bank import TemplateBank
 
 if TYPE_CHECKING:
@@ -42,11 +48,34 @@ else:
     Metric, _ = optional_import("ignite.metrics", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Metric")
     EventEnum, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "EventEnum")
 
-__all__ = ["VessaStage1Trainer"]
+__all__ = ["VessaStage1Trainer", "simulated_feedback"]
 
 
 def _unwrap(network: torch.nn.Module) -> torch.nn.Module:
     return network.module if isinstance(network, torch.nn.parallel.DistributedDataParallel) else network
+
+
+def simulated_feedback(
+    targets: torch.Tensor, miss_prob: float = 0.2, max_shift: int = 8, max_radius: int = 3
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A stand-in for a Stage-2 student's opinion of each target mask ``[N, 1, S, S]``: the mask shifted by up to
+    ``max_shift`` pixels along each axis, grown or shrunk by up to ``max_radius`` pixels (max pooling), and with
+    probability ``miss_prob`` missing altogether (a student that does not see the class); each sample gets a
+    confidence ``c`` drawn from [0.6, 0.99]. Returns the probabilities (``c`` inside the mask, ``1 - c`` outside) and the
+    binary masks. Draws from torch's global generator."""
+    n = targets.shape[0]
+    masks = (targets > 0.5).float()
+    radii = torch.randint(-max_radius, max_radius + 1, (n,)).tolist()
+    shifts = torch.randint(-max_shift, max_shift + 1, (n, 2)).tolist()
+    out = []
+    for mask, radius, (dy, dx) in zip(masks, radii, shifts):
+        if radius:
+            pooled = F.max_pool2d(mask[None] if radius > 0 else 1.0 - mask[None], 2 * abs(radius) + 1, 1, abs(radius))[0]
+            mask = pooled if radius > 0 else 1.0 - pooled
+        out.append(torch.roll(mask, shifts=(dy, dx), dims=(-2, -1)))
+    masks = torch.stack(out) * (torch.rand(n, 1, 1, 1, device=targets.device) >= miss_prob)
+    confidence = torch.empty(n, 1, 1, 1, device=targets.device).uniform_(0.6, 0.99)
+    return masks * confidence + (1.0 - masks) * (1.0 - confidence), masks
 
 
 class VessaStage1Trainer(Trainer):
@@ -65,10 +94,13 @@ class VessaStage1Trainer(Trainer):
         loss_function: ``(logits, targets, lm_loss) -> {"loss", "loss_bce", "loss_dice", "loss_ce"}``; default
             :class:`vessa_components.losses.VessaMaskLoss` (2.0 / 0.5 / 1.0).
         epoch_length: iterations per epoch (default: length of the loader).
+        feedback_prompt_prob: share of the iterations in which VESSA is also prompted with simulated Stage-2
+            feedback (see the module docstring); 0 never.
         other arguments: as in ``monai.engines.SupervisedTrainer``.
 
-    ``engine.state.output`` holds ``loss``, ``loss_bce``, ``loss_dice``, ``loss_ce``, the slices (``image``), the class
-    masks (``label``, ``[N, 1, S, S]``, one per slice and class) and their logits (``pred``).
+    ``engine.state.output`` holds ``loss``, ``loss_bce``, ``loss_dice``, ``loss_ce``, ``prompted`` (1 when the
+    iteration had feedback prompts), the slices (``image``), the class masks (``label``, ``[N, 1, S, S]``, one per slice
+    and class) and their logits (``pred``).
 
     Raises (during the run):
         ValueError: a slice of a data set the bank does not hold, a class with no exemplar from another patient, a
@@ -85,6 +117,7 @@ class VessaStage1Trainer(Trainer):
         template_bank: TemplateBank,
         loss_function: Callable[..., dict[str, torch.Tensor]] | None = None,
         epoch_length: int | None = None,
+        feedback_prompt_prob: float = 0.0,
         non_blocking: bool = False,
         prepare_batch: Callable = default_prepare_batch,
         iteration_update: Callable[[Engine, Any], Any] | None = None,
@@ -130,6 +163,9 @@ class VessaStage1Trainer(Trainer):
         self.template_bank = template_bank
         self.loss_function = VessaMaskLoss() if loss_function is None else loss_function
         self.optim_set_to_none = optim_set_to_none
+        if not 0.0 <= feedback_prompt_prob <= 1.0:
+            raise ValueError(f"feedback_prompt_prob must be in [0, 1], got {feedback_prompt_prob}")
+        self.feedback_prompt_prob = float(feedback_prompt_prob)
 
     def make_pairs(
         self,
@@ -206,12 +242,14 @@ class VessaStage1Trainer(Trainer):
             raise KeyError("labelled batches need a 'patient' key: templates are drawn from other patients")
         names = list(batchdata["name"]) if "name" in batchdata else None
         pairs = engine.make_pairs(images, labels, list(batchdata["patient"]), batchdata.get("dataset"), names)
-        engine.state.output = {Keys.IMAGE: images, Keys.LABEL: pairs["targets"]}
+        prompted = engine.feedback_prompt_prob > 0 and float(torch.rand(())) < engine.feedback_prompt_prob
+        mask_prompts, boxes = feedback_prompts(*simulated_feedback(pairs["targets"])) if prompted else (None, None)
+        engine.state.output = {Keys.IMAGE: images, Keys.LABEL: pairs["targets"], "prompted": torch.tensor(float(prompted))}
 
         def _compute_pred_loss() -> None:
             out = engine.network(
                 pairs["images"], pairs["template_images"], pairs["template_masks"], pairs["class_indices"],
-                modalities=pairs["modalities"],
+                mask_prompts=mask_prompts, boxes=boxes, modalities=pairs["modalities"],
             )
             engine.state.output[Keys.PRED] = out["logits"]
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)

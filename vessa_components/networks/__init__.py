@@ -13,7 +13,7 @@ from .sam2_parts import (
     load_sam2_checkpoint,
 )
 from .unet import UNet
-from .vessa import VESSA_ENCODER_NAME, VessaModel, VessaSegmenter, boxes_from_masks, build_vessa_model
+from .vessa import VESSA_ENCODER_NAME, VessaModel, VessaSegmenter, boxes_from_masks, build_vessa_model, feedback_prompts
 from .vlm import VLM_TRAINING_MODES, PromptOutput, Qwen3VLPrompter, qwen3vl_2b_config, tiny_qwen3vl_config
 
 __all__ = [
@@ -38,5 +38,6 @@ __all__ = [
     "VessaModel",
     "VessaSegmenter",
     "boxes_from_masks",
+    "feedback_prompts",
     "build_vessa_model",
 ]

@@ -17,7 +17,14 @@ from ..transforms.overlay import TemplateOverlay
 from .sam2_parts import SAM2_DEFAULT_CONFIG, Sam2Parts, build_sam2_model
 from .vlm import Qwen3VLPrompter
 
-__all__ = ["VESSA_ENCODER_NAME", "VessaModel", "VessaSegmenter", "boxes_from_masks", "build_vessa_model"]
+__all__ = [
+    "VESSA_ENCODER_NAME",
+    "VessaModel",
+    "VessaSegmenter",
+    "boxes_from_masks",
+    "build_vessa_model",
+    "feedback_prompts",
+]
 
 #: encoder name a template bank records for :meth:`VessaModel.embed_images` (SAM2's pooled top-level feature)
 VESSA_ENCODER_NAME = "vessa_sam2_pooled"
@@ -35,6 +42,22 @@ def boxes_from_masks(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     y0 = torch.where(rows, index_h, masks.shape[1]).amin(dim=1)
     y1 = torch.where(rows, index_h, -1).amax(dim=1)
     return torch.stack((x0, y0, x1 + 1, y1 + 1), dim=1).float(), present
+
+
+#: prompts are logits; a probability of exactly 0 or 1 would give an infinite one
+MAX_PROMPT_LOGIT = 10.0
+
+
+def feedback_prompts(probabilities: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """VESSA's prompts from another model's opinion of one class per sample (Stage 2's student feedback, or Stage 1's
+    simulation of it): a dense prompt, the probabilities ``[N, 1, S, S]`` as logits clamped to
+    ``+-MAX_PROMPT_LOGIT``, and a box ``[N, 4]`` around the binary ``masks`` ``[N, 1, S, S]`` (the whole image where a
+    mask is empty, which tells SAM2 nothing about where the class is)."""
+    mask_logits = torch.logit(probabilities, eps=1e-6).clamp(-MAX_PROMPT_LOGIT, MAX_PROMPT_LOGIT)
+    box, present = boxes_from_masks(masks)
+    height, width = masks.shape[-2:]
+    whole = torch.tensor([0.0, 0.0, float(width), float(height)], device=box.device)
+    return mask_logits, torch.where(present[:, None], box, whole)
 
 
 class VessaModel(nn.Module):

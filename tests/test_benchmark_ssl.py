@@ -106,3 +106,7 @@ def test_ablation_end_to_end_and_resume(tmp_path, acdc_root, tool):
     # asking for another setting keeps the runs of this one in results.json
     tool.main(**{**kwargs, "labeled_cases": "2", "report_only": True})
     assert json.loads((out / "results.json").read_text())["setting"]["1"]["runs"] == setting["runs"]
+    # other foundation settings: the foundations and the VESSA methods' runs are stale, the supervised run is not
+    tool.main(**{**kwargs, "feedback_prompt_prob": 0.0, "report_only": True})
+    stale = json.loads((out / "results.json").read_text())["setting"]["1"]
+    assert stale["foundations"] == {} and stale["runs"] == {"supervised": setting["runs"]["supervised"]}

@@ -189,6 +189,7 @@ def main(
     vessa_train_vlm: str = "frozen",
     vessa_sam2_preset: str = "small_cpu",
     vessa_image_size: int = 128,
+    feedback_prompt_prob: float = 0.5,
     overrides: dict | None = None,
     report_only: bool = False,
 ) -> None:
@@ -198,6 +199,9 @@ def main(
     ``budget``: ``auto`` (``full`` with a GPU, ``reduced`` without), ``full`` or ``reduced`` (see :data:`BUDGETS`);
     ``max_iterations``, ``val_interval``, ``roi_size``, ``batch_size`` and ``foundation_iterations`` override it.
     ``overrides``: further bundle ids for every Stage-2 run, e.g. ``--overrides '{"conf_thresh": 0.9}'``.
+    ``feedback_prompt_prob``: the foundations' share of iterations with simulated feedback prompts.
+    Runs in ``results.json`` made with other settings are trained again: every run when the Stage-2 settings changed,
+    the foundations and the VESSA methods' runs when the foundation settings changed.
     ``overhead_iterations`` > 0 also measures the trainer against a bare PyTorch loop.
     ``report_only``: train nothing; write the tables and figures of the runs ``results.json`` already holds.
     """
@@ -232,6 +236,7 @@ def main(
     foundation_settings = {
         "foundation_iterations": settings["foundation_iterations"], "vessa_train_vlm": vessa_train_vlm,
         "vessa_sam2_preset": vessa_sam2_preset, "vessa_image_size": vessa_image_size, "dataset_dir": dataset_dir,
+        "feedback_prompt_prob": feedback_prompt_prob,
     }
     previous = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {}
     same_runs = previous.get("settings", {}).get("common") == common
@@ -242,10 +247,10 @@ def main(
     # resume what was trained with the same settings; settings not asked for this time are kept, not dropped
     for n in dict.fromkeys([*previous.get("setting", {}), *case_list]):
         before = previous.get("setting", {}).get(n, {})
-        results["setting"][n] = {
-            "foundations": before.get("foundations", {}) if same_foundations else {},
-            "runs": before.get("runs", {}) if same_runs else {},
-        }
+        runs = before.get("runs", {}) if same_runs else {}
+        if not same_foundations:  # the VESSA methods' runs used the old foundations
+            runs = {m: r for m, r in runs.items() if m not in VESSA_METHODS}
+        results["setting"][n] = {"foundations": before.get("foundations", {}) if same_foundations else {}, "runs": runs}
     write_json(out / "results.json", results)
 
     jobs = [("foundation", n, name, 0) for n in case_list for name in _foundation_names(needs_vessa, vessa_ckpt, vessa_no_vlm_ckpt)]
@@ -265,6 +270,7 @@ def main(
                 val_interval=settings["foundation_iterations"], save_interval=settings["foundation_iterations"],
                 sam2_preset=vessa_sam2_preset, image_size=vessa_image_size, num_workers=num_workers,
                 train_vlm="off" if name == "foundation_no_vlm" else vessa_train_vlm, show_progress=False,
+                feedback_prompt_prob=feedback_prompt_prob,
             )
         else:
             if any(r["seed"] == seed for r in state["runs"].get(name, [])):

@@ -37,17 +37,24 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def _any_rank(flag: bool) -> bool:
+    """Whether ``flag`` holds on any rank (``flag`` itself outside a distributed run)."""
+    if _world_size() == 1:
+        return flag
+    value = torch.tensor([float(flag)])
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def _average_gradients(module: nn.Module) -> None:
     """Average ``module``'s gradients over the ranks (a missing one counts as zero), so that every rank takes the
     same optimiser step and the ranks' copies of VESSA stay identical."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
-    torch.distributed.all_reduce(flat)
-    flat /= torch.distributed.get_world_size()
-    offset = 0
-    for p in params:
-        p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
-        offset += p.numel()
+    for p in module.parameters():
+        if p.requires_grad:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            torch.distributed.all_reduce(p.grad)
+            p.grad /= _world_size()
 
 
 class VessaPseudoLabeler:
@@ -227,14 +234,8 @@ class VessaPseudoLabeler:
         confidence, labels = teacher.max(dim=1)
         keep = confidence >= conf_thresh  # [B, S, S]
         kept_share = float(keep.float().mean())
-        world = _world_size()
-        any_kept = keep.any()
-        if world > 1:  # every rank must take the step, or none, or the gradient all-reduce below would hang
-            flag = any_kept.to(torch.float32).reshape(1)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            if not bool(flag.item()):
-                return {"loss_ml": 0.0, "kept_share": 0.0}
-        elif not any_kept:
+        any_kept = bool(keep.any())
+        if not _any_rank(any_kept):  # every rank steps, or none: the gradient all-reduce below needs them all
             return {"loss_ml": 0.0, "kept_share": 0.0}
         num_classes = teacher.shape[1] - 1
         targets = F.one_hot(labels, num_classes + 1)[..., 1:].permute(0, 3, 1, 2).float()  # [B, C, S, S]
@@ -255,7 +256,7 @@ class VessaPseudoLabeler:
                     logits = torch.where(kept, logits.float(), torch.full_like(logits, _IGNORED_LOGIT))
                     loss = self._mask_loss(logits.flatten(0, 1)[:, None], (targets * kept).flatten(0, 1)[:, None])["loss"]
                 loss.backward()
-            if world > 1:
+            if _world_size() > 1:
                 _average_gradients(decoder)
             optimizer.step()
         finally:

@@ -63,6 +63,25 @@ def test_vessa_tables_report_cost_ratio_and_pool_quality(tool):
     assert "| vessa | 10.00 -> 30.00 | 10.00 -> 10.00 | 50.0 |" in text
 
 
+def _scored(seed: int, dice: float) -> dict:
+    return {"seed": seed, "summary": {"mean": {"dice": {"mean": dice}}}}
+
+
+def test_paired_differences_say_whether_the_gap_exceeds_the_seed_spread(tool):
+    runs = {
+        "supervised": [_scored(0, 0.10), _scored(1, 0.20), _scored(2, 0.30)],
+        "unimatch_v2": [_scored(0, 0.12), _scored(1, 0.18), _scored(2, 0.33)],
+        "vessa": [_scored(2, 0.80), _scored(0, 0.60)],  # seed order differs and seed 1 is missing: paired by seed
+    }
+    text = "\n".join(tool.format_comparisons(runs))
+    # vessa - unimatch_v2 on seeds 0 and 2: 48 and 47 points; spread = the larger sample std, vessa's 14.14
+    assert "| vessa - unimatch_v2 | 2 | +47.50 ± 0.71 | 2/2 | 14.14 | yes |" in text
+    # unimatch_v2 - supervised: +2, -2, +3 points, within unimatch_v2's spread of 10.82
+    assert "| unimatch_v2 - supervised | 3 | +1.00 ± 2.65 | 2/3 | 10.82 | no |" in text
+    assert "vessa_no_vlm" not in text  # pairs without both methods are left out
+    assert tool.format_comparisons({"vessa": [_scored(0, 0.5)]}) == []
+
+
 def test_figures(tmp_path):
     out = plot_dice_vs_labeled_cases({1: {"a": [0.1, 0.2]}, 3: {"a": [0.4], "b": [0.5]}}, tmp_path / "cases.png")
     assert Image.open(out).size[0] > 100

@@ -147,6 +147,43 @@ def format_vessa_tables(
     return lines
 
 
+#: (better, worse) pairs the paired-difference table reports, in the issue's target order first
+COMPARISONS = (
+    ("vessa", "unimatch_v2"), ("unimatch_v2", "supervised"), ("vessa", "supervised"),
+    ("vessa", "vessa_no_feedback"), ("vessa", "vessa_no_vlm"),
+)
+
+
+def format_comparisons(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Markdown lines: for each pair of :data:`COMPARISONS` that ``runs`` holds, the difference in mean Dice (points)
+    paired by seed (mean ± sample std over the seeds both methods ran), how many seeds the first method wins, and
+    whether the mean difference exceeds the seed-to-seed spread (the larger sample std of the two methods' Dice)."""
+    rows = []
+    for better, worse in COMPARISONS:
+        if better not in runs or worse not in runs:
+            continue
+        dice = {m: {r["seed"]: 100 * _mean_dice(r) for r in runs[m]} for m in (better, worse)}
+        seeds = sorted(set(dice[better]) & set(dice[worse]))
+        if not seeds:
+            continue
+        diffs = np.array([dice[better][s] - dice[worse][s] for s in seeds])
+        spread = max(_sample_std(list(dice[m].values())) for m in (better, worse))
+        std = _sample_std(diffs)
+        verdict = "n/a (one seed)" if len(seeds) < 2 else ("yes" if abs(diffs.mean()) > spread else "no")
+        rows.append(f"| {better} - {worse} | {len(seeds)} | {diffs.mean():+.2f} ± {std:.2f} | "
+                    f"{int((diffs > 0).sum())}/{len(seeds)} | {spread:.2f} | {verdict} |")
+    if not rows:
+        return []
+    return ["**Paired differences in mean Dice** (points, per seed: first method - second; mean ± sample std over "
+            "seeds; spread = the larger sample std of the two methods' Dice over seeds)", "",
+            "| comparison | seeds | difference | first wins | spread | exceeds spread |",
+            "|---|---:|---:|---:|---:|---|", *rows, ""]
+
+
+def _sample_std(values) -> float:
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
 def write_overlays(setting_dir: Path, runs: dict[str, list[dict]], common: dict[str, Any], labeled_cases: str) -> None:
     """Image, ground truth and every method's prediction (seed of the first run) on slices of one validation volume."""
     preds, volume, class_names, axis = {}, None, None, 0
@@ -306,6 +343,7 @@ def main(
         note = (f"### labeled_cases={n}\n\n{dataset_dir}, seeds {', '.join(map(str, seed_list))}; evaluation per 3D "
                 f"volume of val.list with each run's best EMA teacher")
         report.append(format_results(summary, overhead if n == case_list[-1] else None, note))
+        report += format_comparisons(runs)
         report += format_vessa_tables(state["foundations"], runs)
         dice_by_cases[int(n)] = {m: [_mean_dice(r) for r in rs] for m, rs in runs.items()}
         plot_dice_curves({m: [r["curve"] for r in rs] for m, rs in runs.items()}, setting_dir / "dice_vs_iterations.png",

@@ -267,8 +267,12 @@ def measure_overhead(output_dir: str | os.PathLike, iterations: int = 30, thread
 
 
 def summarize_runs(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Mean and std over seeds of every metric in the runs' evaluation summaries and of their costs."""
+    """Mean and sample standard deviation (n - 1; 0 for one run) over seeds of every metric in the runs' evaluation
+    summaries and of their costs."""
     import numpy as np
+
+    def std(values: list[float]) -> float:
+        return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
     out: dict[str, Any] = {"seeds": len(runs), "metrics": {}}
     rows = runs[0]["summary"].keys()
@@ -276,10 +280,10 @@ def summarize_runs(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
         out["metrics"][row] = {}
         for metric in ("dice", "jaccard", "hd95", "asd"):
             values = [r["summary"][row][metric]["mean"] for r in runs]
-            out["metrics"][row][metric] = {"mean": float(np.mean(values)), "std": float(np.std(values))}
+            out["metrics"][row][metric] = {"mean": float(np.mean(values)), "std": std(values)}
     for key in ("iterations", "wall_s", "samples_per_s", "peak_rss_gb"):
         values = [r[key] for r in runs]
-        out[key] = {"mean": float(np.mean(values)), "std": float(np.std(values))}
+        out[key] = {"mean": float(np.mean(values)), "std": std(values)}
     return out
 
 
@@ -291,7 +295,7 @@ def format_results(summary: dict[str, dict[str, Any]], overhead: dict[str, float
     methods = list(summary)
     classes = [c for c in next(iter(summary.values()))["metrics"] if c != "mean"] + ["mean"]
     for metric, scale, unit in (("dice", 100, "%"), ("jaccard", 100, "%"), ("hd95", 1, "voxels"), ("asd", 1, "voxels")):
-        lines.append(f"**{metric.upper() if metric.startswith('hd') or metric == 'asd' else metric.capitalize()}** ({unit}, mean ± std over seeds)")
+        lines.append(f"**{metric.upper() if metric.startswith('hd') or metric == 'asd' else metric.capitalize()}** ({unit}, mean ± sample std over seeds)")
         lines.append("")
         lines.append("| method | " + " | ".join(classes) + " |")
         lines.append("|---|" + "---:|" * len(classes))

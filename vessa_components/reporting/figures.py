@@ -63,7 +63,7 @@ def plot_dice_vs_labeled_cases(
     results: Mapping[int, Mapping[str, Sequence[float]]], out: str | os.PathLike, title: str = ""
 ) -> Path:
     """Validation mean Dice against the number of labelled cases, one line per method (mean over seeds, error bar =
-    std), in the manner of the VESSA paper's Figure 1.
+    sample std over seeds), in the manner of the VESSA paper's Figure 1.
 
     Args:
         results: labelled cases -> method -> the mean Dice in [0, 1] of each seed.
@@ -76,7 +76,7 @@ def plot_dice_vs_labeled_cases(
     for method in methods:
         xs = [n for n in cases if results[n].get(method)]
         means = [100.0 * float(np.mean(results[n][method])) for n in xs]
-        stds = [100.0 * float(np.std(results[n][method])) for n in xs]
+        stds = [100.0 * float(np.std(results[n][method], ddof=1)) if len(results[n][method]) > 1 else 0.0 for n in xs]
         ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=method)
     ax.set_xticks(cases)
     ax.set_xlabel("labelled cases")

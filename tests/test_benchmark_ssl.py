@@ -83,6 +83,15 @@ def test_paired_differences_say_whether_the_gap_exceeds_the_seed_spread(tool):
     assert tool.format_comparisons({"vessa": [_scored(0, 0.5)]}) == []
 
 
+def test_pool_quality_is_averaged_over_seeds_at_common_iterations(tool):
+    seed0 = [{"iteration": i, "vessa": {"mean_dice": d}, "teacher": {"mean_dice": 0.0}} for i, d in ((100, 0.4), (200, 0.6))]
+    seed1 = [{"iteration": 100, "vessa": {"mean_dice": 0.2}, "teacher": {"mean_dice": 0.3}}]  # stopped early
+    mean = tool.mean_pool_quality([seed0, seed1])
+    assert [r["iteration"] for r in mean] == [100]
+    assert mean[0]["vessa"]["mean_dice"] == pytest.approx(0.3)
+    assert mean[0]["teacher"]["mean_dice"] == pytest.approx(0.15)
+
+
 def test_figures(tmp_path):
     out = plot_dice_vs_labeled_cases({1: {"a": [0.1, 0.2]}, 3: {"a": [0.4], "b": [0.5]}}, tmp_path / "cases.png")
     assert Image.open(out).size[0] > 100

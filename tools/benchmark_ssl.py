@@ -183,6 +183,19 @@ def _sample_std(values) -> float:
     return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
+def mean_pool_quality(runs_records: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The mean over runs (seeds) of VESSA's and the teacher's pool mean Dice, at the iterations every run measured."""
+    iterations = sorted(set.intersection(*({rec["iteration"] for rec in records} for records in runs_records)))
+    by_iteration = [{rec["iteration"]: rec for rec in records} for records in runs_records]
+    return [
+        {"iteration": it, **{
+            source: {"mean_dice": float(np.mean([runs[it][source]["mean_dice"] for runs in by_iteration]))}
+            for source in ("vessa", "teacher")
+        }}
+        for it in iterations
+    ]
+
+
 def write_overlays(setting_dir: Path, runs: dict[str, list[dict]], common: dict[str, Any], labeled_cases: str) -> None:
     """Image, ground truth and every method's prediction (seed of the first run) on slices of one validation volume."""
     preds, volume, class_names, axis = {}, None, None, 0
@@ -347,7 +360,11 @@ def main(
         dice_by_cases[int(n)] = {m: [_mean_dice(r) for r in rs] for m, rs in runs.items()}
         plot_dice_curves({m: [r["curve"] for r in rs] for m, rs in runs.items()}, setting_dir / "dice_vs_iterations.png",
                          title=f"labeled_cases={n}")
-        pool = {f"{m} seed {r['seed']}": r["pool_quality"] for m, rs in runs.items() for r in rs if r.get("pool_quality")}
+        pool = {}
+        for m, rs in runs.items():
+            records = [r["pool_quality"] for r in rs if r.get("pool_quality")]
+            if records:
+                pool[f"{m} ({len(records)} seeds)"] = mean_pool_quality(records)
         if pool:
             plot_pseudo_label_quality(pool, setting_dir / "pseudo_label_quality.png", title=f"labeled_cases={n}")
         write_overlays(setting_dir, runs, common, n)

@@ -54,7 +54,7 @@ def _save(fig: plt.Figure, out: str | os.PathLike) -> Path:
     fig.tight_layout()
     out = Path(out)
     with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png")
+        fig.savefig(tmp, format="png", bbox_inches="tight")  # keeps legends placed outside the axes
     plt.close(fig)
     return out
 
@@ -113,5 +113,5 @@ def plot_pseudo_label_quality(
     ax.set_ylabel("mean Dice on the unlabelled pool (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # outside: the curves fill the axes
     return _save(fig, out)

@@ -43,6 +43,7 @@ from vessa_components.reporting import (
     plot_overlay,
     plot_pseudo_label_quality,
     predict_volumes,
+    sample_std,
     select_slices,
 )
 from vessa_components.reporting.benchmark import (
@@ -166,8 +167,8 @@ def format_comparisons(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
         if not seeds:
             continue
         diffs = np.array([dice[better][s] - dice[worse][s] for s in seeds])
-        spread = max(_sample_std(list(dice[m].values())) for m in (better, worse))
-        std = _sample_std(diffs)
+        spread = max(sample_std(list(dice[m].values())) for m in (better, worse))
+        std = sample_std(diffs)
         verdict = "n/a (one seed)" if len(seeds) < 2 else ("yes" if abs(diffs.mean()) > spread else "no")
         rows.append(f"| {better} - {worse} | {len(seeds)} | {diffs.mean():+.2f} ± {std:.2f} | "
                     f"{int((diffs > 0).sum())}/{len(seeds)} | {spread:.2f} | {verdict} |")
@@ -177,10 +178,6 @@ def format_comparisons(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
             "seeds; spread = the larger sample std of the two methods' Dice over seeds)", "",
             "| comparison | seeds | difference | first wins | spread | exceeds spread |",
             "|---|---:|---:|---:|---:|---|", *rows, ""]
-
-
-def _sample_std(values) -> float:
-    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
 def mean_pool_quality(runs_records: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:

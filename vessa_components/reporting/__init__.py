@@ -1,4 +1,4 @@
-from .figures import plot_dice_curves, plot_dice_vs_labeled_cases, plot_pseudo_label_quality
+from .figures import plot_dice_curves, plot_dice_vs_labeled_cases, plot_pseudo_label_quality, sample_std
 from .report import (
     load_mlflow_scalars,
     load_scalars,
@@ -18,6 +18,7 @@ __all__ = [
     "plot_dice_curves",
     "plot_dice_vs_labeled_cases",
     "plot_pseudo_label_quality",
+    "sample_std",
     "plot_learning_curves",
     "plot_overlay",
     "predict_volumes",

@@ -17,6 +17,7 @@ import torch
 
 from ..engines import UniMatchV2Trainer, frozen_batchnorm_stats, pseudo_label_loss
 from ..transforms.ssl import cutmix_with_flipped_batch
+from .figures import sample_std
 
 __all__ = [
     "bare_unimatch_v2_step",
@@ -271,19 +272,16 @@ def summarize_runs(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     summaries and of their costs."""
     import numpy as np
 
-    def std(values: list[float]) -> float:
-        return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-
     out: dict[str, Any] = {"seeds": len(runs), "metrics": {}}
     rows = runs[0]["summary"].keys()
     for row in rows:
         out["metrics"][row] = {}
         for metric in ("dice", "jaccard", "hd95", "asd"):
             values = [r["summary"][row][metric]["mean"] for r in runs]
-            out["metrics"][row][metric] = {"mean": float(np.mean(values)), "std": std(values)}
+            out["metrics"][row][metric] = {"mean": float(np.mean(values)), "std": sample_std(values)}
     for key in ("iterations", "wall_s", "samples_per_s", "peak_rss_gb"):
         values = [r[key] for r in runs]
-        out[key] = {"mean": float(np.mean(values)), "std": std(values)}
+        out[key] = {"mean": float(np.mean(values)), "std": sample_std(values)}
     return out
 
 

@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 
 from ..utils.io import atomic_path  # noqa: E402
 
-__all__ = ["plot_dice_curves", "plot_dice_vs_labeled_cases", "plot_pseudo_label_quality"]
+__all__ = ["plot_dice_curves", "plot_dice_vs_labeled_cases", "plot_pseudo_label_quality", "sample_std"]
 
 
 def plot_dice_curves(
@@ -50,6 +50,12 @@ def plot_dice_curves(
     return _save(fig, out)
 
 
+def sample_std(values: Sequence[float]) -> float:
+    """Sample standard deviation (n - 1) of ``values``, the spread over seeds the benchmark tables and error bars
+    show; 0 for a single value."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
 def _save(fig: plt.Figure, out: str | os.PathLike) -> Path:
     fig.tight_layout()
     out = Path(out)
@@ -76,7 +82,7 @@ def plot_dice_vs_labeled_cases(
     for method in methods:
         xs = [n for n in cases if results[n].get(method)]
         means = [100.0 * float(np.mean(results[n][method])) for n in xs]
-        stds = [100.0 * float(np.std(results[n][method], ddof=1)) if len(results[n][method]) > 1 else 0.0 for n in xs]
+        stds = [100.0 * sample_std(results[n][method]) for n in xs]
         ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=method)
     ax.set_xticks(cases)
     ax.set_xlabel("labelled cases")
